@@ -1,0 +1,7 @@
+"""Backdoor attacks, found by name: `cgd.attacks.get("badnets", target=0, rate=0.05)`."""
+
+from .base import ATTACKS, Attack, PoisonedSet, blend, get
+from . import classic  # noqa: F401  (registers badnets, blend, sig)
+from . import adaptive, dynamic, frequency  # noqa: F401  (registers wanet, bpp, ctrl, ada-sig, fmb)
+
+__all__ = ["ATTACKS", "Attack", "PoisonedSet", "blend", "get"]

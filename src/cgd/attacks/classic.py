@@ -1,0 +1,66 @@
+"""BadNets, Blend and SIG: the three classic attacks."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import ATTACKS, Attack, blend
+
+
+@ATTACKS.register("badnets")
+class BadNets(Attack):
+    """A small white square (default 3×3) stamped in the bottom-right corner; labels flipped to the target."""
+
+    name = "badnets"
+
+    def __init__(self, target: int = 0, rate: float = 0.05, seed: int = 0, size: int = 3, margin: int = 0,
+                 value: int = 255):
+        super().__init__(target, rate, seed)
+        self.size, self.margin, self.value = int(size), int(margin), int(value)
+
+    def apply_trigger(self, images: np.ndarray) -> np.ndarray:
+        out = np.array(images)
+        h, w = out.shape[1:3]
+        r0, c0 = h - self.margin - self.size, w - self.margin - self.size
+        out[:, r0:r0 + self.size, c0:c0 + self.size, :] = self.value
+        return out
+
+
+@ATTACKS.register("blend")
+class Blend(Attack):
+    """The whole image blended with a fixed random pattern, x' = (1-α)x + α·pattern (α = 0.2)."""
+
+    name = "blend"
+
+    def __init__(self, target: int = 0, rate: float = 0.05, seed: int = 0, alpha: float = 0.2,
+                 pattern_seed: int = 1234):
+        super().__init__(target, rate, seed)
+        self.alpha, self.pattern_seed = float(alpha), int(pattern_seed)
+
+    def pattern(self, h: int, w: int) -> np.ndarray:
+        return np.random.default_rng(self.pattern_seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+
+    def apply_trigger(self, images: np.ndarray) -> np.ndarray:
+        return blend(images, self.pattern(*images.shape[1:3]), self.alpha)
+
+
+@ATTACKS.register("sig")
+class SIG(Attack):
+    """Clean-label: a horizontal sinusoid δ·sin(2π·j·f/W) added to half of the target class's images."""
+
+    name = "sig"
+    clean_label = True
+
+    def __init__(self, target: int = 0, rate: float = 0.5, seed: int = 0, delta: float = 40.0, freq: float = 6.0):
+        super().__init__(target, rate, seed)
+        self.delta, self.freq = float(delta), float(freq)
+
+    def count(self, n_total: int, n_pool: int) -> int:
+        return int(round(self.rate * n_pool))  # `rate` is the share of the target class
+
+    def signal(self, w: int) -> np.ndarray:
+        return self.delta * np.sin(2 * np.pi * np.arange(w) * self.freq / w).astype(np.float32)
+
+    def apply_trigger(self, images: np.ndarray) -> np.ndarray:
+        out = images.astype(np.float32) + self.signal(images.shape[2])[None, None, :, None]
+        return np.clip(np.rint(out), 0, 255).astype(np.uint8)

@@ -1,0 +1,91 @@
+"""The reference benchmark of design.md: per attack, the victim with no defense and with CGD.
+
+Cells are resumable: the victim, the guide logits and the unlearning live in `ROOT/runs/<attack>/`, and a finished
+cell is a JSON file in `ROOT/results/` that is never recomputed (delete it to redo the cell).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import attacks
+from .config import dumps_toml, train_config
+from .data import load_dataset
+from .evaluate import ca_asr
+from .io import write_json
+from .pipeline import defend, train_victim
+from .train import accuracy
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _find(results: Path, attack: str, defense: str, key: str) -> Path | None:
+    for p in sorted(results.glob(f"*-{attack}-{defense}.json")):
+        if json.loads(p.read_text()).get("config_hash") == key:
+            return p
+    return None
+
+
+def train_asr_probe(poisoned: attacks.PoisonedSet, n: int = 1000, seed: int = 0):
+    """A training-data stand-in for the ASR, for analysis during unlearning: the trigger applied to `n` clean
+    non-target *training* images. Never touches the test set."""
+    rng = np.random.default_rng(seed)
+    pool = np.flatnonzero(~poisoned.poison_mask & (poisoned.train.labels != poisoned.target))
+    idx = rng.choice(pool, size=min(n, len(pool)), replace=False)
+    x = poisoned.trigger(np.ascontiguousarray(poisoned.train.images[idx]))
+    y = np.full(len(idx), poisoned.target)
+    return lambda model: {"train_asr": accuracy(model, x, y)}
+
+
+def run_benchmark(attack_names: list[str], cfg: dict, root: Path, data: str = "cifar10", log=print) -> list[Path]:
+    root = Path(root)
+    results = root / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    ds = load_dataset(data)
+    written = []
+    for name in attack_names:
+        atk = attacks.get(name, target=cfg["attack"]["target"], seed=cfg["seed"],
+                          **({"rate": cfg["attack"]["rate"]} if not attacks.ATTACKS.cls(name).clean_label else {}))
+        ps = atk.poison(ds.train)
+        run = root / "runs" / name
+        cell_cfg = dict(cfg, attack={"name": name, "target": atk.target, "rate": atk.rate, "params": atk.params()},
+                        data=dict(cfg["data"], spec=data))
+        key = hashlib.sha256(dumps_toml(cell_cfg).encode()).hexdigest()[:12]
+        common = {"attack": name, "attack_params": atk.params(), "poisoned": int(ps.poison_mask.sum()),
+                  "config_hash": key, "git_commit": _commit(), "cores": torch.get_num_threads(),
+                  "command": " ".join(["cgd", *sys.argv[1:]]) if sys.argv else "", "cpu_count": os.cpu_count()}
+        today = _dt.date.today().isoformat()
+
+        victim = train_victim(ps.train.images, ps.train.labels, ds.train.num_classes, train_config(cfg),
+                              run / "victim", cfg["victim"]["arch"], cfg["victim"]["arch_params"])
+        if _find(results, name, "none", key) is None:
+            r = ca_asr(victim.model, ps, ds.test)
+            cell = {**common, "defense": "none", **r, "victim_train_s": victim.seconds, "date": today}
+            write_json(results / f"{today}-{name}-none.json", cell)
+            log(f"{name} no defense: CA {r['ca']:.4f} ASR {r['asr']:.4f} ({victim.seconds:.0f} s victim)")
+        defense = f"cgd-{cfg['unlearn']['recipe']}"
+        if _find(results, name, defense, key) is None:
+            m = defend(ps.train, cell_cfg, run / defense, poison_mask=ps.poison_mask, poisoned=ps, test=ds.test,
+                       extra_eval=train_asr_probe(ps), victim=victim, log=log)
+            cell = {**common, "defense": defense, **m["after"], "before": m["before"], "detection": m["detection"],
+                    "timings": {**m["timings"], "victim_train_s": victim.seconds}, "sizes": m["sizes"],
+                    "unlearn_history": m["unlearn_history"], "date": today}
+            write_json(results / f"{today}-{name}-{defense}.json", cell)
+            written.append(results / f"{today}-{name}-{defense}.json")
+            log(f"{name} {defense}: CA {m['after']['ca']:.4f} ASR {m['after']['asr']:.4f}")
+    return written

@@ -1,0 +1,286 @@
+"""The `cgd` command: a thin layer over the library. Run `cgd <command> --help` for each command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import CGDError, __version__
+
+EPILOG = """\
+typical use:
+  cgd demo                                   # BadNets on a CIFAR-10 subset, end to end, ~10 min
+  cgd attack --attack badnets --out bad.npz  # poison a dataset (writes bad.npz and bad-asr.npz)
+  cgd defend --data bad.npz --out runs/bad   # train the victim, split, unlearn; writes report.md
+  cgd evaluate --model runs/bad/defended.safetensors --data bad-asr.npz --json   # ASR of the defended model
+
+data is found automatically (CIFAR-10 in ../shared/data or $CGD_DATA, else Fashion-MNIST), or given with
+--data: an .npz (x_train, y_train, x_test, y_test, class_names), an image tarball or cifar-10-batches-py.
+"""
+
+
+def _common(p: argparse.ArgumentParser, data_default: str = "auto") -> None:
+    p.add_argument("--data", default=data_default, metavar="PATH|NAME",
+                   help="dataset: an .npz, a CIFAR-10 tarball/folder, 'cifar10', 'fashion-mnist' or 'auto' "
+                        "(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: the config's, 0)")
+
+
+def _config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="a TOML or YAML file of settings (see docs/config.md)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one setting, e.g. --set unlearn.recipe=paper --set victim.epochs=6")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cgd", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="CGD removes backdoors from image classifiers trained on untrusted data. It scores every "
+                    "training sample with a clean guide model and with the suspicious model, splits the data "
+                    "into clean / poisoned / mixed, and fine-tunes the model to forget the trigger.")
+    parser.add_argument("--version", action="version", version=f"cgd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="BadNets on a CIFAR-10 subset end to end: CA/ASR before and after",
+                       description="Poison a stratified subset with BadNets, train a victim, run CGD and print "
+                                   "clean accuracy (CA), attack success rate (ASR) and detection TPR/FPR.")
+    _common(p)
+    _config(p)
+    p.add_argument("--train-size", type=int, default=10000, help="training images (default: %(default)s)")
+    p.add_argument("--test-size", type=int, default=2000, help="test images (default: %(default)s)")
+    p.add_argument("--out", default="runs/demo", help="run directory (default: %(default)s)")
+
+    p = sub.add_parser("attack", help="poison a dataset and save it as .npz",
+                       description="Writes OUT (poisoned training set + clean test set + poison_mask) and "
+                                   "OUT-asr.npz (its test split: triggered non-target test images labelled "
+                                   "with the target; accuracy on it is the ASR).")
+    _common(p)
+    p.add_argument("--attack", default="badnets", help="attack name (see `cgd attack --list`)")
+    p.add_argument("--target", type=int, default=0, help="target class (default: %(default)s)")
+    p.add_argument("--rate", type=float, default=None, help="poison rate (default: the attack's)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="attack parameter")
+    p.add_argument("--out", help="output .npz")
+    p.add_argument("--list", action="store_true", help="list the attacks and exit")
+
+    p = sub.add_parser("train", help="train a (victim) model on a dataset, keeping the epoch-T snapshot",
+                       description="Trains with the fast CPU recipe; writes victim.safetensors, "
+                                   "snapshot.safetensors (epoch T), loss_history.safetensors and victim.json. "
+                                   "Interrupted runs resume.")
+    _common(p)
+    _config(p)
+    p.add_argument("--out", required=True, help="output directory")
+
+    p = sub.add_parser("defend", help="run CGD: score, split, unlearn; write the run directory",
+                       description="Runs CGD on the training split of --data. Without --model it first trains "
+                                   "the victim itself. Writes config.toml, scores.csv, split.json, "
+                                   "entropy_map.png, defended.safetensors, metrics.json and report.md into "
+                                   "--out; rerunning the same command resumes or does nothing.")
+    _common(p)
+    _config(p)
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--model", help="the suspicious model (.safetensors with its .json); default: train one")
+    p.add_argument("--snapshot", help="the model's epoch-T snapshot (.safetensors), for the model score")
+    p.add_argument("--recipe", choices=["cpu", "paper"], help="unlearning recipe (default: cpu)")
+
+    p = sub.add_parser("evaluate", help="accuracy of a model on the test split of an .npz",
+                       description="Prints the accuracy of --model on the test split of --data. On an OUT-asr.npz "
+                                   "from `cgd attack` that accuracy is the attack success rate.")
+    p.add_argument("--model", required=True, help="model .safetensors (with its .json)")
+    p.add_argument("--data", required=True, help="dataset (.npz or any --data form)")
+    p.add_argument("--json", action="store_true", help='print {"accuracy": ...}')
+
+    p = sub.add_parser("data", help="dataset utilities: fetch, info")
+    p.add_argument("action", choices=["fetch", "info"])
+    p.add_argument("name", nargs="?", default="cifar10")
+
+    p = sub.add_parser("bench", help="the reference benchmark (full CIFAR-10, resumable)",
+                       description="Runs the design.md reference benchmark: for each attack, the victim "
+                                   "without defense and with CGD; writes benchmarks/results/*.json. Finished "
+                                   "cells are skipped.")
+    p.add_argument("--attacks", default="badnets,blend,sig")
+    p.add_argument("--recipe", default="cpu", help="unlearning recipe (default: %(default)s)")
+    p.add_argument("--data", default="cifar10")
+    p.add_argument("--root", default="benchmarks", help="benchmark folder (default: %(default)s)")
+    _config(p)
+    return parser
+
+
+def _load_cfg(args) -> dict:
+    from .config import apply_overrides, load_config
+
+    cfg = apply_overrides(load_config(getattr(args, "config", None)), getattr(args, "overrides", []))
+    if getattr(args, "seed", None) is not None:
+        cfg["seed"] = args.seed
+        cfg["victim"]["seed"] = args.seed
+    if getattr(args, "recipe", None):
+        cfg["unlearn"]["recipe"] = args.recipe
+    return cfg
+
+
+def _attack_params(items: list[str]) -> dict:
+    from .config import parse_value
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise CGDError(f"--param {item!r} must look like key=value")
+        k, v = item.split("=", 1)
+        out[k.strip()] = parse_value(v.strip())
+    return out
+
+
+def cmd_attack(args) -> int:
+    from . import attacks
+    from .data import Dataset, load_dataset, save_npz
+
+    if args.list:
+        for name in attacks.ATTACKS.names():
+            doc = (attacks.ATTACKS.cls(name).__doc__ or "").strip().splitlines()[0]
+            print(f"{name:12s} {doc}")
+        return 0
+    if not args.out:
+        raise CGDError("--out is required (the .npz to write)")
+    params = _attack_params(args.param)
+    params.update(target=args.target, seed=args.seed or 0)
+    if args.rate is not None:
+        params["rate"] = args.rate
+    atk = attacks.get(args.attack, **params)
+    ds = load_dataset(args.data)
+    ps = atk.poison(ds.train)
+    out = Path(args.out)
+    save_npz(Dataset(ps.train, ds.test), out, poison_mask=ps.poison_mask)
+    trig = ps.triggered_test(ds.test)
+    asr_path = out.with_name(out.name.removesuffix(".npz") + "-asr.npz")
+    save_npz(Dataset(trig.subset(np.arange(0)), trig), asr_path)
+    print(f"{args.attack}: poisoned {int(ps.poison_mask.sum())} of {len(ps.train)} training images "
+          f"(target {atk.target}) -> {out}; triggered test set ({len(trig)} images) -> {asr_path}")
+    return 0
+
+
+def _npz_mask(spec: str):
+    p = Path(spec)
+    if p.suffix == ".npz" and p.exists():
+        with np.load(p, allow_pickle=False) as z:
+            if "poison_mask" in z.files:
+                return z["poison_mask"].astype(bool)
+    return None
+
+
+def cmd_train(args) -> int:
+    from .config import train_config
+    from .data import load_dataset
+    from .evaluate import clean_accuracy
+    from .pipeline import train_victim
+
+    cfg = _load_cfg(args)
+    ds = load_dataset(args.data)
+    res = train_victim(ds.train.images, ds.train.labels, ds.train.num_classes, train_config(cfg), Path(args.out),
+                       cfg["victim"]["arch"], cfg["victim"]["arch_params"])
+    print(f"trained in {res.seconds:.0f} s; test accuracy {clean_accuracy(res.model, ds.test):.4f}; "
+          f"model -> {Path(args.out) / 'victim.safetensors'}")
+    return 0
+
+
+def cmd_defend(args) -> int:
+    from .data import load_dataset
+    from .pipeline import defend
+
+    cfg = _load_cfg(args)
+    cfg["data"]["spec"] = args.data
+    ds = load_dataset(args.data)
+    m = defend(ds.train, cfg, Path(args.out), model_path=args.model, snapshot_path=args.snapshot,
+               poison_mask=_npz_mask(args.data), test=ds.test, log=lambda s: print(s, file=sys.stderr))
+    print(json.dumps({k: m[k] for k in ("sizes", "detection", "before", "after", "timings") if k in m}, indent=2))
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .data import load_dataset
+    from .evaluate import clean_accuracy
+    from .models import load_model
+
+    model = load_model(args.model)
+    ds = load_dataset(args.data)
+    acc = clean_accuracy(model, ds.test)
+    print(json.dumps({"accuracy": acc}) if args.json else f"accuracy {acc:.4f} on {len(ds.test)} test images")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from .data import fetch_cifar10, load_dataset
+
+    if args.action == "fetch":
+        if args.name != "cifar10":
+            raise CGDError(f"only cifar10 can be fetched; got {args.name!r}")
+        print(f"CIFAR-10 archive verified at {fetch_cifar10()}")
+        return 0
+    ds = load_dataset(args.name)
+    print(f"{ds.name}: {len(ds.train)} train / {len(ds.test)} test images of {ds.train.images.shape[1:]}, "
+          f"classes: {', '.join(ds.class_names)}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from . import attacks
+    from .data import load_dataset, stratified_subset
+    from .pipeline import defend
+
+    t0 = time.perf_counter()
+    cfg = _load_cfg(args)
+    ds = load_dataset(args.data)
+    train = stratified_subset(ds.train, args.train_size, cfg["seed"])
+    test = stratified_subset(ds.test, args.test_size, cfg["seed"])
+    cfg["data"].update(spec=args.data, train_subset=args.train_size, test_subset=args.test_size)
+    atk = attacks.get(cfg["attack"]["name"], target=cfg["attack"]["target"], rate=cfg["attack"]["rate"],
+                      seed=cfg["seed"], **cfg["attack"]["params"])
+    ps = atk.poison(train)
+    print(f"{ds.name}: {len(train)} training images, {int(ps.poison_mask.sum())} poisoned by {atk.name} "
+          f"(target {ds.class_names[atk.target]}); {len(test)} test images", file=sys.stderr)
+    m = defend(ps.train, cfg, Path(args.out), poison_mask=ps.poison_mask, poisoned=ps, test=test,
+               log=lambda s: print(s, file=sys.stderr))
+    b, a, d = m["before"], m["after"], m["detection"]
+    print(f"before CGD: CA {b['ca']:.3f}  ASR {b['asr']:.3f}")
+    print(f"after  CGD: CA {a['ca']:.3f}  ASR {a['asr']:.3f}")
+    print(f"detection:  TPR {d['tpr']:.3f}  FPR {d['fpr']:.3f}  (poison left in D_c: {d['poison_in_clean']})")
+    print(f"run directory: {args.out} (report.md, entropy_map.png); {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_benchmark
+
+    cfg = _load_cfg(args)
+    run_benchmark([a for a in args.attacks.split(",") if a], cfg, Path(args.root), data=args.data)
+    return 0
+
+
+COMMANDS = {"attack": cmd_attack, "train": cmd_train, "defend": cmd_defend, "evaluate": cmd_evaluate,
+            "data": cmd_data, "demo": cmd_demo, "bench": cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except CGDError as e:
+        print(f"cgd {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

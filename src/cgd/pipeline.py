@@ -1,0 +1,198 @@
+"""Composition of the stages into resumable steps over a run directory (used by the CLI and the benchmark)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import CGDError, models
+from .attacks import PoisonedSet
+from .config import dumps_toml, train_config, unlearn_config
+from .data import ImageSet
+from .evaluate import ca_asr, clean_accuracy
+from .io import atomic_write_text, load_arrays, read_json, save_arrays, write_json
+from .split import detection_metrics, nll, split
+from .train import TrainConfig, TrainResult, predict_logits, train
+from .unlearn import unlearn
+
+
+def train_victim(images: np.ndarray, labels: np.ndarray, num_classes: int, config: TrainConfig,
+                 out_dir: Path, arch: str = "fastnet", arch_params: dict | None = None) -> TrainResult:
+    """Train (or resume, or reload a finished) victim in `out_dir`: `victim.safetensors`, `snapshot.safetensors`
+    (epoch T), `loss_history.safetensors` and `victim.json` (recipe and timings)."""
+    out_dir = Path(out_dir)
+    done = out_dir / "victim.json"
+    params = dict(arch_params or {}, num_classes=num_classes)
+    if done.exists():
+        meta = json.loads(done.read_text())
+        if meta["config"] == asdict(config) and meta["arch"] == arch:
+            model = models.load_model(out_dir / "victim.safetensors")
+            snap = models.load_model(out_dir / "snapshot.safetensors").state_dict() \
+                if (out_dir / "snapshot.safetensors").exists() else None
+            hist = load_arrays(out_dir / "loss_history.safetensors")["loss"]
+            return TrainResult(model, snap, hist, meta["epoch_seconds"])
+    model = models.get(arch, **params)
+    result = train(model, images, labels, config, checkpoint_dir=out_dir / "checkpoint", desc="victim")
+    models.save_model(result.model, out_dir / "victim.safetensors")
+    if result.snapshot is not None:
+        snap_model = models.get(arch, **params)
+        snap_model.load_state_dict(result.snapshot)
+        models.save_model(snap_model, out_dir / "snapshot.safetensors", epoch=config.snapshot_epoch)
+    save_arrays(out_dir / "loss_history.safetensors", loss=result.loss_history)
+    write_json(done, {"arch": arch, "config": asdict(config), "epoch_seconds": result.epoch_seconds,
+                      "threads": torch.get_num_threads()})
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ defend
+
+def model_scores(victim: TrainResult, arch_spec: dict, images: np.ndarray, labels: np.ndarray, how: str
+                 ) -> np.ndarray:
+    """Per-sample model NLL used by the split.
+
+    * "snapshot": NLL under the epoch-T snapshot (the paper);
+    * "final": NLL under the final model (for a user who has no snapshot);
+    * "history:A-B": mean recorded training loss over epochs A..B (1-based, inclusive) — free, no inference.
+    """
+    if how.startswith("history:"):
+        a, b = (int(v) for v in how.split(":", 1)[1].split("-"))
+        if not 1 <= a <= b <= len(victim.loss_history):
+            raise CGDError(f"model_score {how!r}: epochs must lie in 1..{len(victim.loss_history)}")
+        return victim.loss_history[a - 1:b].mean(axis=0).astype(np.float64)
+    if how == "snapshot":
+        if victim.snapshot is None:
+            raise CGDError("model_score 'snapshot' needs the epoch-T snapshot; pass --snapshot or use 'final'")
+        m = models.get(arch_spec["name"], **arch_spec["params"])
+        m.load_state_dict(victim.snapshot)
+    elif how == "final":
+        m = victim.model
+    else:
+        raise CGDError(f"unknown model_score {how!r}: use snapshot, final or history:A-B")
+    return nll(predict_logits(m, images, desc="model scores"), labels)
+
+
+def guide_logits(guide, images: np.ndarray, class_names: list[str], work: Path) -> np.ndarray:
+    """The guide's logits for every training image, saved in the run's work folder (the guide caches too)."""
+    path = work / "guide_logits.safetensors"
+    if path.exists():
+        g = load_arrays(path)["logits"]
+        if g.shape == (len(images), len(class_names)):
+            return g
+    g = np.asarray(guide.class_logits(images, class_names), dtype=np.float32)
+    if g.shape != (len(images), len(class_names)):
+        raise CGDError(f"guide returned logits of shape {g.shape}; expected {(len(images), len(class_names))}")
+    if not np.isfinite(g).all():
+        raise CGDError("guide returned NaN or infinite logits")
+    save_arrays(path, logits=g)
+    return g
+
+
+OUTPUTS = ("scores.csv", "split.json", "entropy_map.png", "defended.safetensors", "metrics.json", "report.md")
+
+
+def defend(train_set: ImageSet, cfg: dict, run_dir: Path, *, guide=None, model_path: Path | None = None,
+           snapshot_path: Path | None = None, poison_mask: np.ndarray | None = None,
+           poisoned: PoisonedSet | None = None, test: ImageSet | None = None, extra_eval=None,
+           victim: TrainResult | None = None, log=print) -> dict:
+    """Run CGD on `train_set` into `run_dir` (see design.md for the files). Intermediate results live in
+    `run_dir/.work` so an interrupted run resumes; the outputs appear only once everything succeeded.
+    A `victim` already trained on `train_set` (with the config's recipe) may be passed in to be shared."""
+    from . import guides
+    from .report import entropy_map_png, scores_csv
+
+    run_dir = Path(run_dir)
+    ucfg = unlearn_config(cfg)  # validate everything cheap before touching the disk
+    tcfg = train_config(cfg)
+    scfg = cfg["split"]
+    if guide is None:
+        guide = guides.get(cfg["guide"]["name"], **cfg["guide"]["params"])
+    if poison_mask is not None and len(poison_mask) != len(train_set):
+        raise CGDError(f"poison mask has {len(poison_mask)} entries for {len(train_set)} samples")
+    cfg_text = dumps_toml(cfg)
+    if (run_dir / "metrics.json").exists() and (run_dir / "config.toml").exists() \
+            and (run_dir / "config.toml").read_text() == cfg_text and all((run_dir / f).exists() for f in OUTPUTS):
+        log(f"{run_dir}: finished run with this config found; nothing to do")
+        return read_json(run_dir / "metrics.json")
+    work = run_dir / ".work"
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(work / "config.toml", cfg_text)
+    labels, names, k = train_set.labels, train_set.class_names, train_set.num_classes
+    timings: dict[str, float] = {}
+
+    if model_path is None:
+        arch = {"name": cfg["victim"]["arch"], "params": dict(cfg["victim"]["arch_params"], num_classes=k)}
+    if victim is not None:
+        timings["victim_train_s"] = victim.seconds
+    elif model_path is None:
+        log("training the victim model (kept: epoch-T snapshot and per-sample losses)")
+        victim = train_victim(train_set.images, labels, k, tcfg, work / "victim", cfg["victim"]["arch"],
+                              cfg["victim"]["arch_params"])
+        timings["victim_train_s"] = victim.seconds
+    else:
+        model = models.load_model(model_path)
+        arch = model.cgd_spec
+        snap = models.load_model(snapshot_path).state_dict() if snapshot_path else None
+        victim = TrainResult(model, snap, np.zeros((0, len(labels)), np.float32))
+        if snap is None and scfg["model_score"] == "snapshot":
+            log("no --snapshot given: scoring with the final model instead of the epoch-T snapshot")
+            scfg = dict(scfg, model_score="final")
+    n_out = victim.model(torch.zeros(1, 3, *train_set.images.shape[1:3]).contiguous(
+        memory_format=torch.channels_last)).shape[1] if model_path else k
+    if n_out != k:
+        raise CGDError(f"the model has {n_out} outputs but the data has {k} class names")
+
+    t = time.perf_counter()
+    log(f"scoring {len(labels)} samples with guide {getattr(guide, 'id', type(guide).__name__)}")
+    g = guide_logits(guide, train_set.images, names, work)
+    timings["guide_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    s = split(nll(g, labels), model_scores(victim, arch, train_set.images, labels, scfg["model_score"]),
+              scfg["sigma1"], scfg["sigma2"])
+    timings["split_s"] = time.perf_counter() - t
+    log(f"split: {s.sizes()}")
+    det = detection_metrics(poison_mask, s) if poison_mask is not None else {}
+
+    res = unlearn(victim.model, train_set.images, labels, s, g, ucfg, k, extra_eval=extra_eval)
+    timings["unlearn_s"] = res.seconds
+    metrics = {"sizes": s.sizes(), "detection": det, "timings": timings, "unlearn_history": res.history,
+               "stopped_early": res.stopped_early}
+    if poisoned is not None and test is not None:
+        metrics["before"] = ca_asr(victim.model, poisoned, test)
+        metrics["after"] = ca_asr(res.model, poisoned, test)
+    elif test is not None:
+        metrics["before"] = {"ca": clean_accuracy(victim.model, test)}
+        metrics["after"] = {"ca": clean_accuracy(res.model, test)}
+
+    # Everything succeeded: write the outputs, each atomically, metrics.json last.
+    atomic_write_text(run_dir / "config.toml", cfg_text)
+    scores_csv(s, labels, poison_mask, run_dir / "scores.csv")
+    write_json(run_dir / "split.json", {"sigma1": scfg["sigma1"], "sigma2": scfg["sigma2"],
+                                        "model_score": scfg["model_score"], "sizes": s.sizes(),
+                                        "clean": s.clean, "poison": s.poison, "mixed": s.mixed})
+    entropy_map_png(s, poison_mask, run_dir / "entropy_map.png", title=run_dir.name, sigma1=scfg["sigma1"],
+                    sigma2=scfg["sigma2"])
+    models.save_model(res.model, run_dir / "defended.safetensors", defended_by="cgd", recipe=cfg["unlearn"])
+    atomic_write_text(run_dir / "report.md", run_report(run_dir.name, cfg, metrics))
+    write_json(run_dir / "metrics.json", metrics)
+    return metrics
+
+
+def run_report(name: str, cfg: dict, m: dict) -> str:
+    from .report import markdown_report
+
+    sections = {"Result": {}, "Split": m["sizes"], "Detection against the known poison": m["detection"],
+                "Wall time (s)": m["timings"]}
+    for when in ("before", "after"):
+        for k, v in m.get(when, {}).items():
+            sections["Result"][f"{k.upper()} {when}"] = v
+    last = m["unlearn_history"][-1]
+    notes = [f"unlearning recipe `{cfg['unlearn']['recipe']}`, {last['epoch']} epoch(s)"
+             + (" (stopped early: held-out clean accuracy fell)" if m["stopped_early"] else ""),
+             f"model score: `{cfg['split']['model_score']}`, guide: `{cfg['guide']['name']}`",
+             "entropy map: ![entropy map](entropy_map.png)"]
+    return markdown_report(f"CGD run {name}", sections, notes)

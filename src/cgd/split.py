@@ -1,0 +1,136 @@
+"""CGD's meta data split (paper §4.1) and its detection metrics, as pure NumPy functions.
+
+Two per-sample scores, both negative log-likelihoods of the sample's given label:
+* guide NLL — high when a clean guide disagrees with the label (poison-label attacks);
+* model NLL — unusually low when the suspicious model learned the sample through a shortcut (clean-label attacks).
+Both are turned into percentile ranks in (0, 1]; then, with σ1 = 0.2 and σ2 = 0.1,
+    D_c = {rank_guide ≤ 1−σ1 and rank_model ≥ σ1},   D_p = {rank_guide > 1−σ2 or rank_model < σ2},
+and the rest is "mixed".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import CGDError
+
+
+@dataclass(frozen=True)
+class Split:
+    clean: np.ndarray  # indices of D_c
+    poison: np.ndarray  # indices of D_p
+    mixed: np.ndarray
+    guide_nll: np.ndarray
+    model_nll: np.ndarray
+    guide_rank: np.ndarray
+    model_rank: np.ndarray
+
+    def subset_names(self) -> np.ndarray:
+        names = np.full(len(self.guide_nll), "mixed", dtype=object)
+        names[self.clean] = "clean"
+        names[self.poison] = "poison"
+        return names
+
+    def sizes(self) -> dict[str, int]:
+        return {"clean": len(self.clean), "poison": len(self.poison), "mixed": len(self.mixed)}
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def nll(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """−log softmax(logits)[label] per row. Rejects NaN/inf logits and labels outside the columns."""
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels)
+    if logits.ndim != 2 or len(logits) != len(labels):
+        raise CGDError(f"logits must be (N, C) with one row per label; got {logits.shape} for {len(labels)} labels")
+    if not np.isfinite(logits).all():
+        bad = int((~np.isfinite(logits)).any(axis=1).sum())
+        raise CGDError(f"{bad} rows of logits contain NaN or infinity; the scoring model is broken")
+    if len(labels) and (labels.min() < 0 or labels.max() >= logits.shape[1]):
+        raise CGDError(f"labels must lie in 0..{logits.shape[1] - 1}; found {labels.min()}..{labels.max()}")
+    return -log_softmax(logits)[np.arange(len(labels)), labels]
+
+
+def percentile_rank(x: np.ndarray) -> np.ndarray:
+    """Rank of each value among all, scaled to (0, 1]; ties share their average rank."""
+    x = np.asarray(x, dtype=np.float64)
+    if not np.isfinite(x).all():
+        raise CGDError("scores contain NaN or infinity")
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = np.arange(1, len(x) + 1)
+    _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
+    if (counts > 1).any():  # average the ranks of tied values
+        sums = np.bincount(inv, weights=ranks)
+        ranks = (sums / counts)[inv]
+    return ranks / max(len(x), 1)
+
+
+def split(guide_nll: np.ndarray, model_nll: np.ndarray, sigma1: float = 0.2, sigma2: float = 0.1) -> Split:
+    """The paper's split from two per-sample NLL scores (see module docstring)."""
+    guide_nll, model_nll = np.asarray(guide_nll), np.asarray(model_nll)
+    if guide_nll.shape != model_nll.shape or guide_nll.ndim != 1:
+        raise CGDError(f"guide and model scores must be 1-D of equal length; got {guide_nll.shape} "
+                       f"and {model_nll.shape}")
+    if not (0 < sigma2 <= sigma1 < 0.5):
+        raise CGDError(f"need 0 < sigma2 ≤ sigma1 < 0.5; got sigma1={sigma1}, sigma2={sigma2}")
+    rg, rm = percentile_rank(guide_nll), percentile_rank(model_nll)
+    clean = (rg <= 1 - sigma1) & (rm >= sigma1)
+    poison = (rg > 1 - sigma2) | (rm < sigma2)
+    mixed = ~clean & ~poison
+    return Split(np.flatnonzero(clean), np.flatnonzero(poison), np.flatnonzero(mixed), guide_nll, model_nll, rg, rm)
+
+
+def oversample_clean(clean_idx: np.ndarray, labels: np.ndarray, num_classes: int, seed: int = 0) -> np.ndarray:
+    """Indices of D_c with each class resampled (with replacement) up to its share of the original label
+    distribution, so relearning does not shift the class prior. Never drops samples."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    prior = np.bincount(labels, minlength=num_classes) / len(labels)
+    members = [clean_idx[labels[clean_idx] == c] for c in range(num_classes)]
+    missing = [c for c in range(num_classes) if prior[c] > 0 and len(members[c]) == 0]
+    if missing:
+        raise CGDError(f"the clean subset D_c holds no sample of class(es) {missing}: cannot relearn them. "
+                       "Loosen sigma1, or check the labels of those classes")
+    out = []
+    for c in range(num_classes):
+        want = int(round(prior[c] * len(clean_idx)))
+        out.append(members[c])
+        if want > len(members[c]):
+            out.append(rng.choice(members[c], size=want - len(members[c]), replace=True))
+    return np.sort(np.concatenate(out))
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve of `scores` (higher ⇒ positive), via the Mann–Whitney statistic."""
+    positive = np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    r = percentile_rank(scores) * len(scores)
+    return float((r[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def detection_metrics(poison_mask: np.ndarray, s: Split) -> dict[str, float]:
+    """How well the split isolates the known poison: TPR/FPR/precision of D_p, poison left in D_c, AUROCs."""
+    p = np.asarray(poison_mask, dtype=bool)
+    in_p = np.zeros(len(p), bool)
+    in_p[s.poison] = True
+    n_pos, n_neg = int(p.sum()), int((~p).sum())
+    poison_in_clean = int(p[s.clean].sum())
+    return {
+        "tpr": float((in_p & p).sum() / n_pos) if n_pos else float("nan"),
+        "fpr": float((in_p & ~p).sum() / n_neg) if n_neg else float("nan"),
+        "precision": float((in_p & p).sum() / max(in_p.sum(), 1)),
+        "poison_in_clean": poison_in_clean,
+        "poison_in_clean_frac": poison_in_clean / max(len(s.clean), 1),
+        "auroc_guide": auroc(s.guide_nll, p),
+        "auroc_model": auroc(-s.model_nll, p),
+        "auroc_combined": auroc(np.maximum(s.guide_rank, 1 - s.model_rank), p),
+        **{f"n_{k}": v for k, v in s.sizes().items()},
+    }

@@ -1,0 +1,164 @@
+"""CGD's guided unlearning (paper §4.2): fine-tune the backdoored model with
+
+    L = L_re(CE on D_c) + λ_un · L_un(on D_p) + λ_distill · T² · KL(softmax(guide/T) ‖ softmax(model/T)) on D_p
+
+bounded in steps, with early stopping on a held-out slice of D_c (never on test data).
+
+`L_un` comes in two forms:
+* "log-p" (the paper): mean log(p_y + ε) over D_p. Its gradient (1 − p_y) vanishes exactly when the model is
+  confident in the poisoned label, which is when it is needed most.
+* "log-not-p": mean −log(1 − p_y + ε), the cross-entropy toward "any class but y": its gradient grows as p_y → 1.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import CGDError
+from .progress import progress
+from .split import Split, oversample_clean
+from .train import accuracy, augment, make_optimizer, to_input
+
+
+@dataclass
+class UnlearnConfig:
+    """Defaults are the paper's recipe (§5.1.3); `RECIPES` holds the named variants."""
+
+    lambda_un: float = 0.025
+    lambda_distill: float = 5e-4
+    temperature: float = 3.0
+    unlearn_loss: str = "log-p"  # or "log-not-p"
+    eps: float = 1e-6
+    lr: float = 0.01
+    momentum: float = 0.0
+    weight_decay: float = 5e-4
+    epochs: int = 10  # passes over the oversampled D_c; bounded
+    max_steps: int | None = None  # optional hard cap on optimiser steps
+    batch_size: int = 256  # D_c samples per step
+    poison_batch: int | None = None  # D_p samples per step; None: proportional to |D_p| / |D_c|
+    augment: str = "flip"
+    holdout: float = 0.05  # share of D_c held out to watch clean accuracy
+    tau: float = 0.02  # stop when held-out accuracy falls more than this below its starting value
+    seed: int = 0
+
+
+RECIPES: dict[str, dict] = {
+    "paper": {},
+    # Measured on CIFAR-10 (docs/benchmarks.md, "Unlearning ablation"): a non-vanishing unlearning gradient, a
+    # distillation weight the weak guide can carry, momentum, and a poison batch as large as the clean one.
+    "cpu": dict(unlearn_loss="log-not-p", lambda_un=1.0, lambda_distill=0.05, momentum=0.9, epochs=3,
+                poison_batch=256),
+}
+
+
+def recipe(name: str, **overrides) -> UnlearnConfig:
+    if name not in RECIPES:
+        raise CGDError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
+    return UnlearnConfig(**{**RECIPES[name], **overrides})
+
+
+@dataclass
+class UnlearnResult:
+    model: nn.Module
+    history: list[dict] = field(default_factory=list)
+    stopped_early: bool = False
+    seconds: float = 0.0
+    config: dict = field(default_factory=dict)
+
+
+def unlearning_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str, eps: float) -> torch.Tensor:
+    p_y = torch.softmax(logits, dim=1).gather(1, labels[:, None]).squeeze(1)
+    if kind == "log-p":
+        return torch.log(p_y + eps).mean()
+    if kind == "log-not-p":
+        return -torch.log1p(-p_y + eps).mean()
+    raise CGDError(f"unknown unlearn_loss {kind!r}: use 'log-p' or 'log-not-p'")
+
+
+def distill_loss(student_logits: torch.Tensor, guide_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    t = temperature
+    return F.kl_div(F.log_softmax(student_logits / t, 1), F.log_softmax(guide_logits / t, 1), log_target=True,
+                    reduction="batchmean") * t * t
+
+
+def unlearn(model: nn.Module, images: np.ndarray, labels: np.ndarray, s: Split, guide_logits: np.ndarray,
+            config: UnlearnConfig, num_classes: int, extra_eval=None) -> UnlearnResult:
+    """Fine-tune a copy of `model` by CGD's objective. `extra_eval(model) -> dict` (optional) is logged each
+    epoch for analysis only; it never influences training or stopping."""
+    if len(s.clean) == 0:
+        raise CGDError("the clean subset D_c is empty: nothing to relearn from")
+    if not np.isfinite(guide_logits).all():
+        raise CGDError("guide logits contain NaN or infinity")
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(config.seed)
+    torch.manual_seed(config.seed)
+    labels = np.asarray(labels, dtype=np.int64)
+
+    clean = rng.permutation(s.clean)
+    n_hold = int(round(config.holdout * len(clean)))
+    held, train_clean = np.sort(clean[:n_hold]), clean[n_hold:]
+    relearn = oversample_clean(train_clean, labels, num_classes, seed=config.seed)
+    poison = s.poison
+
+    model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    opt = make_optimizer(model, config.lr, config.momentum, config.weight_decay)
+    x_all = torch.from_numpy(np.array(images))
+    y_all = torch.from_numpy(labels)
+    g_all = torch.from_numpy(np.asarray(guide_logits, dtype=np.float32))
+    steps = (len(relearn) + config.batch_size - 1) // config.batch_size
+    pb = config.poison_batch or max(1, int(round(config.batch_size * len(poison) / max(len(relearn), 1))))
+    gen = torch.Generator().manual_seed(config.seed)
+
+    def held_acc(m):
+        return accuracy(m, images[held], labels[held]) if n_hold else float("nan")
+
+    start = held_acc(model)
+    history = [{"epoch": 0, "held_acc": start, **(extra_eval(model) if extra_eval else {})}]
+    best, stopped, done_steps = copy.deepcopy(model.state_dict()), False, 0
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        order = rng.permutation(relearn)
+        p_order = rng.permutation(poison) if len(poison) else poison
+        sums = {"re": 0.0, "un": 0.0, "distill": 0.0}
+        for b in progress(range(steps), desc=f"unlearn epoch {epoch}/{config.epochs}"):
+            ic = torch.from_numpy(order[b * config.batch_size:(b + 1) * config.batch_size])
+            x = augment(to_input(x_all[ic]), config.augment, gen)
+            if len(poison) and (config.lambda_un or config.lambda_distill):
+                j = (b * pb) % len(p_order)
+                ip = torch.from_numpy(np.take(p_order, np.arange(j, j + pb), mode="wrap"))
+                xp = augment(to_input(x_all[ip]), config.augment, gen)
+                logits = model(torch.cat([x, xp]))
+                lc, lp = logits[:len(ic)], logits[len(ic):]
+                l_un = unlearning_loss(lp, y_all[ip], config.unlearn_loss, config.eps)
+                l_di = distill_loss(lp, g_all[ip], config.temperature)
+            else:
+                lc = model(x)
+                l_un = l_di = torch.zeros(())
+            l_re = F.cross_entropy(lc, y_all[ic])
+            loss = l_re + config.lambda_un * l_un + config.lambda_distill * l_di
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            for k, v in (("re", l_re), ("un", l_un), ("distill", l_di)):
+                sums[k] += float(v.detach()) / steps
+            done_steps += 1
+            if config.max_steps and done_steps >= config.max_steps:
+                break
+        acc = held_acc(model)
+        history.append({"epoch": epoch, "held_acc": acc, **{f"loss_{k}": v for k, v in sums.items()},
+                        **(extra_eval(model) if extra_eval else {})})
+        if n_hold and acc < start - config.tau:
+            model.load_state_dict(best)
+            stopped = True
+            break
+        best = copy.deepcopy(model.state_dict())
+        if config.max_steps and done_steps >= config.max_steps:
+            break
+    return UnlearnResult(model.eval(), history, stopped, time.perf_counter() - t0, asdict(config))

@@ -1,0 +1,51 @@
+"""Tiny synthetic data and a cheap stand-in guide, so the whole pipeline runs in seconds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cgd.data import Dataset, ImageSet
+
+NAMES = ["red", "green", "blue", "yellow"]
+
+
+def synthetic(n: int, seed: int, size: int = 16) -> ImageSet:
+    """Class c = a coloured square blob at a class-specific position, on noise: learnable in a few epochs."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % len(NAMES)
+    rng.shuffle(labels)
+    x = rng.integers(0, 90, size=(n, size, size, 3)).astype(np.int16)
+    colours = np.array([[220, 30, 30], [30, 220, 30], [30, 30, 220], [220, 220, 30]])
+    for c in range(len(NAMES)):
+        idx = labels == c
+        r0 = 2 + 3 * (c % 2)
+        c0 = 2 + 3 * (c // 2)
+        x[idx, r0:r0 + 6, c0:c0 + 6] = colours[c]
+    x = np.clip(x + rng.integers(-20, 20, size=x.shape), 0, 255).astype(np.uint8)
+    return ImageSet(x, labels.astype(np.int64), list(NAMES))
+
+
+@pytest.fixture(scope="session")
+def tiny() -> Dataset:
+    return Dataset(synthetic(800, 0), synthetic(200, 1), name="tiny")
+
+
+class LabelGuide:
+    """Stands in for the real guide where a test is about the pipeline, not the guide: it knows the clean labels
+    of the training images (in order) and is right about `accuracy` of them."""
+
+    id = "test-label-guide"
+
+    def __init__(self, clean_labels: np.ndarray, accuracy: float = 0.8, seed: int = 0):
+        self.clean_labels, self.accuracy, self.seed = np.asarray(clean_labels), accuracy, seed
+        self.calls = 0
+
+    def class_logits(self, images, class_names):
+        assert len(images) == len(self.clean_labels)
+        self.calls += 1
+        rng = np.random.default_rng(self.seed)
+        out = rng.normal(0, 1, size=(len(images), len(class_names))).astype(np.float32)
+        right = rng.random(len(images)) < self.accuracy
+        out[np.flatnonzero(right), self.clean_labels[right]] += 3.0
+        return out

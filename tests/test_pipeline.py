@@ -1,0 +1,93 @@
+import json
+
+import numpy as np
+import pytest
+
+from cgd import CGDError, attacks
+from cgd.config import apply_overrides, defaults, load_config
+from cgd.pipeline import OUTPUTS, defend
+
+from conftest import LabelGuide
+
+
+def tiny_cfg(**over):
+    cfg = defaults()
+    cfg["victim"].update(epochs=4, batch_size=64, lr=0.2, snapshot_epoch=2, augment="none",
+                         arch_params={"widths": [8, 16, 16], "stem": 8})
+    cfg["unlearn"]["overrides"] = {"epochs": 2, "batch_size": 64}
+    return apply_overrides(cfg, [f"{k}={v}" for k, v in over.items()])
+
+
+@pytest.fixture(scope="module")
+def poisoned(tiny):
+    return attacks.get("badnets", target=0, rate=0.1, seed=0).poison(tiny.train)
+
+
+def test_defend_writes_the_run_directory_and_resumes(tiny, poisoned, tmp_path):
+    guide = LabelGuide(tiny.train.labels)
+    run = tmp_path / "run"
+    m = defend(poisoned.train, tiny_cfg(), run, guide=guide, poison_mask=poisoned.poison_mask, poisoned=poisoned,
+               test=tiny.test, log=lambda s: None)
+    for f in OUTPUTS + ("config.toml",):
+        assert (run / f).exists(), f
+    rows = (run / "scores.csv").read_text().splitlines()
+    assert rows[0].startswith("index,label,guide_nll,model_nll") and len(rows) == len(tiny.train) + 1
+    assert m["detection"]["tpr"] > 0.5  # the stand-in guide sees the relabelled images
+    assert set(m["before"]) == {"ca", "asr"} and m["timings"]["unlearn_s"] > 0
+    split = json.loads((run / "split.json").read_text())
+    assert sum(split["sizes"].values()) == len(tiny.train)
+    assert "CA after" in (run / "report.md").read_text()
+    assert (run / "entropy_map.png").read_bytes()[:4] == b"\x89PNG"
+    # the same command again does nothing (not even scoring)
+    calls = guide.calls
+    assert defend(poisoned.train, tiny_cfg(), run, guide=guide, log=lambda s: None) == json.loads(
+        (run / "metrics.json").read_text())
+    assert guide.calls == calls
+
+
+def test_empty_clean_class_leaves_no_outputs(tiny, tmp_path):
+    ps = attacks.get("badnets", target=0, rate=0.1, seed=0).poison(tiny.train)
+    labels = ps.train.labels
+    guide = LabelGuide(tiny.train.labels)
+    # a guide that flags every sample of class 3 as mislabelled: D_c holds no class 3
+    bad = guide.class_logits(ps.train.images, ps.train.class_names)
+    bad[labels == 3, 3] = -50.0
+
+    class Flagger:
+        id = "flagger"
+
+        def class_logits(self, images, names):
+            return bad
+
+    run = tmp_path / "run"
+    with pytest.raises(CGDError, match=r"no sample of class\(es\) \[3\]"):
+        defend(ps.train, tiny_cfg(**{"split.sigma1": 0.3, "split.sigma2": 0.3}), run, guide=Flagger(),
+               log=lambda s: None)
+    assert not any((run / f).exists() for f in OUTPUTS)
+
+
+def test_nan_guide_is_a_clear_error(tiny, tmp_path):
+    class Broken:
+        id = "broken"
+
+        def class_logits(self, images, names):
+            return np.full((len(images), len(names)), np.nan, np.float32)
+
+    with pytest.raises(CGDError, match="NaN"):
+        defend(tiny.train, tiny_cfg(), tmp_path / "r", guide=Broken(), log=lambda s: None)
+    assert not (tmp_path / "r" / "metrics.json").exists()
+
+
+def test_config_errors_before_any_file_is_written(tiny, tmp_path):
+    with pytest.raises(CGDError, match="unknown setting 'epochz'"):
+        apply_overrides(defaults(), ["victim.epochz=3"])
+    cfg = tiny_cfg()
+    cfg["unlearn"]["recipe"] = "magic"
+    with pytest.raises(CGDError, match="unknown unlearning recipe"):
+        defend(tiny.train, cfg, tmp_path / "r", guide=LabelGuide(tiny.train.labels), log=lambda s: None)
+    assert not (tmp_path / "r").exists()
+    (tmp_path / "c.toml").write_text("[unlearn]\nrecipe = 'paper'\n[victim]\nepochs = 2\n")
+    c = load_config(tmp_path / "c.toml")
+    assert c["unlearn"]["recipe"] == "paper" and c["victim"]["epochs"] == 2 and c["split"]["sigma1"] == 0.2
+    (tmp_path / "d.yaml").write_text("split:\n  sigma1: 0.3\n")
+    assert load_config(tmp_path / "d.yaml")["split"]["sigma1"] == 0.3

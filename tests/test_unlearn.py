@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+import torch
+
+from cgd import CGDError, attacks, models
+from cgd.split import Split, split
+from cgd.train import TrainConfig, accuracy, train
+from cgd.unlearn import UnlearnConfig, recipe, unlearn, unlearning_loss
+
+
+def test_unlearning_losses_and_their_gradients():
+    logits = torch.tensor([[6.0, 0.0], [0.0, 0.0]], requires_grad=True)
+    y = torch.tensor([0, 0])
+    for kind in ("log-p", "log-not-p"):
+        logits.grad = None
+        unlearning_loss(logits, y, kind, 1e-6).backward()
+        g = logits.grad[0, 0].abs() / logits.grad[1, 0].abs()
+        # the paper's log p_y barely pushes a confident sample; log(1-p_y) pushes it hardest
+        assert (g < 0.1) if kind == "log-p" else (g > 1.0)
+    with pytest.raises(CGDError):
+        unlearning_loss(logits, y, "other", 1e-6)
+
+
+@pytest.fixture(scope="module")
+def backdoored(tiny):
+    ps = attacks.get("badnets", target=0, rate=0.1, size=3, seed=0).poison(tiny.train)
+    r = train(models.get("fastnet", num_classes=4, widths=(8, 16, 16), stem=8), ps.train.images, ps.train.labels,
+              TrainConfig(epochs=6, batch_size=64, lr=0.2, augment="none", snapshot_epoch=2))
+    return ps, r.model
+
+
+def _oracle_split(ps):
+    """D_p = the true poison plus some clean samples, D_c = the rest: tests unlearning, not detection."""
+    n = len(ps.poison_mask)
+    g = np.where(ps.poison_mask, 10.0, 0.0) + np.linspace(0, 1, n)
+    return split(g, np.linspace(1, 2, n), sigma1=0.2, sigma2=0.1)
+
+
+def test_cpu_recipe_removes_a_backdoor_the_model_had(tiny, backdoored):
+    ps, model = backdoored
+    trig = ps.triggered_test(tiny.test)
+    assert accuracy(model, trig.images, trig.labels) > 0.8  # the attack worked
+    s = _oracle_split(ps)
+    guide = np.eye(4, dtype=np.float32)[tiny.train.labels] * 3  # the images' clean classes
+    res = unlearn(model, ps.train.images, ps.train.labels, s, guide, recipe("cpu", epochs=4), 4)
+    assert accuracy(res.model, trig.images, trig.labels) < 0.2
+    assert accuracy(res.model, tiny.test.images, tiny.test.labels) > 0.85
+    assert res.history[0]["epoch"] == 0 and len(res.history) >= 2
+
+
+def test_early_stop_restores_the_last_good_model(tiny, backdoored):
+    ps, model = backdoored
+    s = _oracle_split(ps)
+    guide = np.zeros((len(ps.poison_mask), 4), np.float32)
+    cfg = UnlearnConfig(lr=5.0, momentum=0.9, lambda_un=50.0, unlearn_loss="log-not-p", epochs=3, tau=0.01)
+    res = unlearn(model, ps.train.images, ps.train.labels, s, guide, cfg, 4)
+    assert res.stopped_early
+    held = res.history[0]["held_acc"]
+    assert res.history[-1]["held_acc"] < held - 0.01
+
+
+def test_empty_clean_subset_and_nan_guide_are_errors(tiny, backdoored):
+    ps, model = backdoored
+    n = len(ps.poison_mask)
+    empty = Split(np.array([], int), np.arange(n), np.array([], int), *(np.zeros(n),) * 4)
+    with pytest.raises(CGDError, match="D_c is empty"):
+        unlearn(model, ps.train.images, ps.train.labels, empty, np.zeros((n, 4), np.float32), UnlearnConfig(), 4)
+    bad = np.full((n, 4), np.nan, np.float32)
+    with pytest.raises(CGDError, match="NaN"):
+        unlearn(model, ps.train.images, ps.train.labels, _oracle_split(ps), bad, UnlearnConfig(), 4)
