@@ -2,6 +2,7 @@
 
 from .base import ATTACKS, Attack, PoisonedSet, blend, get
 from . import classic  # noqa: F401  (registers badnets, blend, sig)
+from . import learned, label_only  # noqa: F401  (registers lc, iab, ssba, flip, gcb; resources generated on first use)
 from . import adaptive, dynamic, frequency  # noqa: F401  (registers wanet, bpp, ctrl, ada-sig, fmb)
 
 __all__ = ["ATTACKS", "Attack", "PoisonedSet", "blend", "get"]
