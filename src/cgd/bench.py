@@ -89,3 +89,25 @@ def run_benchmark(attack_names: list[str], cfg: dict, root: Path, data: str = "c
             written.append(results / f"{today}-{name}-{defense}.json")
             log(f"{name} {defense}: CA {m['after']['ca']:.4f} ASR {m['after']['asr']:.4f}")
     return written
+
+
+def results_table(results: Path) -> str:
+    """A Markdown table of every benchmark cell in `results` (one row per attack × defense, newest wins)."""
+    cells = {}
+    for p in sorted(Path(results).glob("*.json")):
+        c = json.loads(p.read_text())
+        cells[(c["attack"], c["defense"])] = c
+    head = ("| attack | defense | CA | ASR | TPR | FPR | AUROC guide / model | victim s | guide s | split s | "
+            "unlearn s | date |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = [head]
+    for (attack, defense), c in sorted(cells.items()):
+        d, t = c.get("detection", {}), c.get("timings", {})
+
+        def f(v, spec=".4f"):
+            return "" if v is None else format(v, spec)
+
+        rows.append(f"| {attack} | {defense} | {f(c['ca'])} | {f(c['asr'])} | {f(d.get('tpr'), '.3f')} | "
+                    f"{f(d.get('fpr'), '.3f')} | {f(d.get('auroc_guide'), '.3f')} / {f(d.get('auroc_model'), '.3f')} "
+                    f"| {f(t.get('victim_train_s', c.get('victim_train_s')), '.0f')} | {f(t.get('guide_s'), '.0f')} "
+                    f"| {f(t.get('split_s'), '.1f')} | {f(t.get('unlearn_s'), '.0f')} | {c['date']} |")
+    return "\n".join(rows) + "\n"

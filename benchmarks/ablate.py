@@ -1,0 +1,90 @@
+"""Ablations of CGD's split and unlearning on a finished benchmark victim (see docs/benchmarks.md).
+
+Choices are made on TRAINING data only: detection against the known training poison mask, and `train_asr` (the
+trigger applied to 1,000 clean non-target *training* images). Test CA/ASR are recorded beside them for the report,
+never used to choose.
+
+    python benchmarks/ablate.py split --attack badnets
+    python benchmarks/ablate.py unlearn --attack badnets --recipe cpu --name lam05 '{"lambda_un": 0.5}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from cgd import attacks, guides
+from cgd.bench import train_asr_probe
+from cgd.config import defaults, train_config
+from cgd.data import load_dataset
+from cgd.evaluate import ca_asr
+from cgd.io import write_json
+from cgd.pipeline import guide_logits, model_scores, train_victim
+from cgd.split import detection_metrics, nll, split
+from cgd.unlearn import recipe, unlearn
+
+ROOT = Path(__file__).resolve().parent
+SCORES = ["snapshot", "final", "history:1-1", "history:1-2", "history:1-3", "history:2-3", "history:2-4",
+          "history:1-6", "history:3-6", "history:1-12"]
+
+
+def setup(attack: str):
+    cfg = defaults()
+    ds = load_dataset("cifar10")
+    cls = attacks.ATTACKS.cls(attack)
+    ps = attacks.get(attack, target=0, seed=0, **({} if cls.clean_label else {"rate": 0.05})).poison(ds.train)
+    victim = train_victim(ps.train.images, ps.train.labels, 10, train_config(cfg), ROOT / "runs" / attack / "victim")
+    guide = guides.get(cfg["guide"]["name"], **cfg["guide"]["params"])
+    work = ROOT / "runs" / attack / "ablation"
+    work.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    g = guide_logits(guide, ps.train.images, ds.class_names, work)
+    print(f"guide logits in {time.perf_counter() - t:.1f} s", flush=True)
+    arch = {"name": cfg["victim"]["arch"], "params": {"num_classes": 10}}
+    return ds, ps, victim, g, arch
+
+
+def split_table(attack: str) -> None:
+    ds, ps, victim, g, arch = setup(attack)
+    rows = {}
+    gn = nll(g, ps.train.labels)
+    for how in SCORES:
+        s = split(gn, model_scores(victim, arch, ps.train.images, ps.train.labels, how))
+        rows[how] = detection_metrics(ps.poison_mask, s)
+        print(how, {k: round(v, 4) if isinstance(v, float) else v for k, v in rows[how].items()}, flush=True)
+    write_json(ROOT / "results" / "ablation" / f"{attack}-split.json", rows)
+
+
+def unlearn_variant(attack: str, base: str, overrides: dict, model_score: str, name: str) -> None:
+    ds, ps, victim, g, arch = setup(attack)
+    s = split(nll(g, ps.train.labels), model_scores(victim, arch, ps.train.images, ps.train.labels, model_score))
+    res = unlearn(victim.model, ps.train.images, ps.train.labels, s, g, recipe(base, **overrides), 10,
+                  extra_eval=train_asr_probe(ps))
+    out = {"attack": attack, "recipe": base, "overrides": overrides, "model_score": model_score,
+           "detection": detection_metrics(ps.poison_mask, s), "history": res.history,
+           "stopped_early": res.stopped_early, "unlearn_s": res.seconds,
+           "test_before": ca_asr(victim.model, ps, ds.test), "test_after": ca_asr(res.model, ps, ds.test),
+           "date": time.strftime("%Y-%m-%d")}
+    print(json.dumps({k: out[k] for k in ("history", "test_before", "test_after", "unlearn_s")}, indent=1))
+    write_json(ROOT / "results" / "ablation" / f"{attack}-unlearn-{name}.json", out)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["split", "unlearn"])
+    p.add_argument("--attack", default="badnets")
+    p.add_argument("--recipe", default="cpu")
+    p.add_argument("--model-score", default="snapshot")
+    p.add_argument("--name", default=None)
+    p.add_argument("overrides", nargs="?", default="{}", help="JSON of UnlearnConfig overrides")
+    a = p.parse_args()
+    if a.what == "split":
+        split_table(a.attack)
+    else:
+        unlearn_variant(a.attack, a.recipe, json.loads(a.overrides), a.model_score, a.name or a.recipe)
+
+
+if __name__ == "__main__":
+    main()
