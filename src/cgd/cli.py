@@ -35,7 +35,7 @@ def _common(p: argparse.ArgumentParser, data_default: str = "auto") -> None:
 def _config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="a TOML or YAML file of settings (see docs/config.md)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one setting, e.g. --set unlearn.recipe=paper --set victim.epochs=6")
+                   help="override one setting, e.g. --set split.sigma1=0.3 --set victim.epochs=6")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--model", help="the suspicious model (.safetensors with its .json); default: train one")
     p.add_argument("--snapshot", help="the model's epoch-T snapshot (.safetensors), for the model score")
-    p.add_argument("--recipe", choices=["cpu", "paper"], help="unlearning recipe (default: cpu)")
+    p.add_argument("--recipe", choices=["cpu", "paper"],
+                   help="cpu (default): loss-trajectory model score, probe-refined guide, strong unlearning; "
+                        "paper: the paper's epoch-T snapshot, zero-shot guide and loss weights")
 
     p = sub.add_parser("evaluate", help="accuracy of a model on the test split of an .npz",
                        description="Prints the accuracy of --model on the test split of --data. On an OUT-asr.npz "
@@ -104,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "without defense and with CGD; writes benchmarks/results/*.json. Finished "
                                    "cells are skipped.")
     p.add_argument("--attacks", default="badnets,blend,sig")
-    p.add_argument("--recipe", default="cpu", help="unlearning recipe (default: %(default)s)")
+    p.add_argument("--recipe", default="cpu", choices=["cpu", "paper"], help="CGD recipe (default: %(default)s)")
     p.add_argument("--data", default="cifar10")
     p.add_argument("--root", default="benchmarks", help="benchmark folder (default: %(default)s)")
     _config(p)
@@ -112,14 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_cfg(args) -> dict:
-    from .config import apply_overrides, load_config
+    from .config import apply_overrides, load_config, use_recipe
 
-    cfg = apply_overrides(load_config(getattr(args, "config", None)), getattr(args, "overrides", []))
+    cfg = load_config(getattr(args, "config", None))
+    if getattr(args, "recipe", None):
+        cfg = use_recipe(cfg, args.recipe)
+    cfg = apply_overrides(cfg, getattr(args, "overrides", []))
     if getattr(args, "seed", None) is not None:
         cfg["seed"] = args.seed
         cfg["victim"]["seed"] = args.seed
-    if getattr(args, "recipe", None):
-        cfg["unlearn"]["recipe"] = args.recipe
     return cfg
 
 

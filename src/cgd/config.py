@@ -19,9 +19,26 @@ def defaults() -> dict:
         "attack": {"name": "badnets", "target": 0, "rate": 0.05, "params": {}},
         "victim": {"arch": "fastnet", "arch_params": {}, **asdict(TrainConfig())},
         "guide": {"name": "imagenet-text", "params": {}},
-        "split": {"sigma1": 0.2, "sigma2": 0.1, "model_score": "snapshot"},
+        "split": {"sigma1": 0.2, "sigma2": 0.1, **SPLIT_RECIPES["cpu"]},
         "unlearn": {"recipe": "cpu", "overrides": {}},
     }
+
+
+# How each recipe scores samples for the split (the unlearning side is `unlearn.RECIPES`).
+SPLIT_RECIPES = {
+    "paper": {"model_score": "snapshot", "refine": "none", "refine_rounds": 0},
+    "cpu": {"model_score": "history:2-4", "refine": "probe", "refine_rounds": 2},
+}
+
+
+def use_recipe(cfg: dict, name: str) -> dict:
+    """Switch both the split and the unlearning to a named recipe ("paper" or "cpu")."""
+    if name not in SPLIT_RECIPES:
+        raise CGDError(f"unknown recipe {name!r}; choose from {', '.join(SPLIT_RECIPES)}")
+    out = copy.deepcopy(cfg)
+    out["split"].update(SPLIT_RECIPES[name])
+    out["unlearn"]["recipe"] = name
+    return out
 
 
 def load_config(path: str | Path | None) -> dict:

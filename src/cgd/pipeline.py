@@ -16,6 +16,7 @@ from .config import dumps_toml, train_config, unlearn_config
 from .data import ImageSet
 from .evaluate import ca_asr, clean_accuracy
 from .io import atomic_write_text, load_arrays, read_json, save_arrays, write_json
+from .refine import probe_logits
 from .split import detection_metrics, nll, split
 from .train import TrainConfig, TrainResult, predict_logits, train
 from .unlearn import unlearn
@@ -92,6 +93,36 @@ def guide_logits(guide, images: np.ndarray, class_names: list[str], work: Path) 
     return g
 
 
+def guide_features(guide, images: np.ndarray, work: Path) -> np.ndarray:
+    """The guide's image features (for the probe refinement), saved in the run's work folder."""
+    path = work / "guide_features.safetensors"
+    if path.exists():
+        f = load_arrays(path)["features"]
+        if len(f) == len(images):
+            return f
+    if not hasattr(guide, "features"):
+        raise CGDError(f"guide {getattr(guide, 'id', guide)!r} has no image features: set split.refine = 'none'")
+    f = np.asarray(guide.features(images), dtype=np.float32)
+    if f.ndim != 2 or len(f) != len(images) or not np.isfinite(f).all():
+        raise CGDError(f"guide features must be finite and (N, D); got shape {f.shape}")
+    save_arrays(path, features=f)
+    return f
+
+
+def score_and_split(labels: np.ndarray, g: np.ndarray, model_nll: np.ndarray, scfg: dict, num_classes: int,
+                    features=None, seed: int = 0):
+    """The split from guide logits and model NLL; with `refine = "probe"`, the guide is sharpened by a linear probe
+    on its features fitted on the current D_c (out of fold), `refine_rounds` times. Returns (split, guide logits)."""
+    s = split(nll(g, labels), model_nll, scfg["sigma1"], scfg["sigma2"])
+    if scfg.get("refine", "none") == "probe":
+        for _ in range(scfg.get("refine_rounds", 1)):
+            g = probe_logits(features(), labels, s.clean, num_classes, seed=seed)
+            s = split(nll(g, labels), model_nll, scfg["sigma1"], scfg["sigma2"])
+    elif scfg.get("refine", "none") != "none":
+        raise CGDError(f"unknown split.refine {scfg['refine']!r}: use 'probe' or 'none'")
+    return s, g
+
+
 OUTPUTS = ("scores.csv", "split.json", "entropy_map.png", "defended.safetensors", "metrics.json", "report.md")
 
 
@@ -151,9 +182,12 @@ def defend(train_set: ImageSet, cfg: dict, run_dir: Path, *, guide=None, model_p
     g = guide_logits(guide, train_set.images, names, work)
     timings["guide_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    s = split(nll(g, labels), model_scores(victim, arch, train_set.images, labels, scfg["model_score"]),
-              scfg["sigma1"], scfg["sigma2"])
+    model_nll = model_scores(victim, arch, train_set.images, labels, scfg["model_score"])
     timings["split_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    feats = (lambda: guide_features(guide, train_set.images, work))
+    s, g = score_and_split(labels, g, model_nll, scfg, k, feats, seed=cfg["seed"])
+    timings["refine_split_s"] = time.perf_counter() - t
     log(f"split: {s.sizes()}")
     det = detection_metrics(poison_mask, s) if poison_mask is not None else {}
 
