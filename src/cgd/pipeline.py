@@ -37,6 +37,7 @@ def train_victim(images: np.ndarray, labels: np.ndarray, num_classes: int, confi
                 if (out_dir / "snapshot.safetensors").exists() else None
             hist = load_arrays(out_dir / "loss_history.safetensors")["loss"]
             return TrainResult(model, snap, hist, meta["epoch_seconds"])
+    torch.manual_seed(config.seed)  # the initial weights too are fixed by the seed
     model = models.get(arch, **params)
     result = train(model, images, labels, config, checkpoint_dir=out_dir / "checkpoint", desc="victim")
     models.save_model(result.model, out_dir / "victim.safetensors")

@@ -51,10 +51,10 @@ class UnlearnConfig:
 
 RECIPES: dict[str, dict] = {
     "paper": {},
-    # Measured on CIFAR-10 (docs/benchmarks.md, "Unlearning ablation"): a non-vanishing unlearning gradient, a
-    # distillation weight the weak guide can carry, momentum, and a poison batch as large as the clean one.
-    "cpu": dict(unlearn_loss="log-not-p", lambda_un=1.0, lambda_distill=0.05, momentum=0.9, epochs=3,
-                poison_batch=256),
+    # The paper's losses and weights, stopped after two passes over D_c. What makes CGD work here is the split the
+    # cpu recipe feeds it (config.SPLIT_RECIPES); a stronger unlearning push (log-not-p, λ_un = 1, λ_distill = 0.05,
+    # momentum 0.9) cost 4.5 pt of held-out D_c accuracy in one epoch and was stopped early (docs/benchmarks.md).
+    "cpu": dict(epochs=2),
 }
 
 
@@ -110,7 +110,7 @@ def unlearn(model: nn.Module, images: np.ndarray, labels: np.ndarray, s: Split, 
     model = copy.deepcopy(model).to(memory_format=torch.channels_last)
     opt = make_optimizer(model, config.lr, config.momentum, config.weight_decay)
     x_all = torch.from_numpy(np.array(images))
-    y_all = torch.from_numpy(labels)
+    y_all = torch.from_numpy(labels.copy())
     g_all = torch.from_numpy(np.asarray(guide_logits, dtype=np.float32))
     steps = (len(relearn) + config.batch_size - 1) // config.batch_size
     pb = config.poison_batch or max(1, int(round(config.batch_size * len(poison) / max(len(relearn), 1))))

@@ -6,29 +6,13 @@ import time
 
 import numpy as np
 
-
-def log_softmax(z: np.ndarray) -> np.ndarray:
-    z = np.asarray(z, dtype=np.float64)
-    z = z - z.max(1, keepdims=True)
-    return z - np.log(np.exp(z).sum(1, keepdims=True))
+from ..split import auroc as _auroc, log_softmax
 
 
 def auroc(neg: np.ndarray, pos: np.ndarray) -> float:
-    """P(pos > neg) + 0.5 P(tie), from ranks (Mann-Whitney U)."""
+    """P(pos > neg) + 0.5 P(tie) (Mann-Whitney U)."""
     neg, pos = np.asarray(neg, np.float64), np.asarray(pos, np.float64)
-    if len(neg) == 0 or len(pos) == 0:
-        return float("nan")
-    allv = np.concatenate([neg, pos])
-    order = np.argsort(allv, kind="mergesort")
-    ranks = np.empty(len(allv))
-    sorted_v = allv[order]
-    # average ranks over ties
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_v)) + 1]
-    ends = np.r_[starts[1:], len(allv)]
-    avg = (starts + ends - 1) / 2.0 + 1.0
-    ranks[order] = np.repeat(avg, ends - starts)
-    u = ranks[len(neg):].sum() - len(pos) * (len(pos) + 1) / 2.0
-    return float(u / (len(neg) * len(pos)))
+    return _auroc(np.concatenate([neg, pos]), np.r_[np.zeros(len(neg), bool), np.ones(len(pos), bool)])
 
 
 def zero_shot_top1(logits: np.ndarray, labels: np.ndarray) -> float:
