@@ -144,8 +144,8 @@ def cmd_attack(args) -> int:
 
     if args.list:
         for name in attacks.ATTACKS.names():
-            doc = (attacks.ATTACKS.cls(name).__doc__ or "").strip().splitlines()[0]
-            print(f"{name:12s} {doc}")
+            doc = " ".join((attacks.ATTACKS.cls(name).__doc__ or "").strip().split("\n\n")[0].split())
+            print(f"{name:12s} {doc if len(doc) <= 110 else doc[:107] + '...'}")
         return 0
     if not args.out:
         raise CGDError("--out is required (the .npz to write)")
