@@ -209,8 +209,8 @@ def defend(train_set: ImageSet, cfg: dict, run_dir: Path, *, guide=None, model_p
     write_json(run_dir / "split.json", {"sigma1": scfg["sigma1"], "sigma2": scfg["sigma2"],
                                         "model_score": scfg["model_score"], "sizes": s.sizes(),
                                         "clean": s.clean, "poison": s.poison, "mixed": s.mixed})
-    entropy_map_png(s, poison_mask, run_dir / "entropy_map.png", title=run_dir.name, sigma1=scfg["sigma1"],
-                    sigma2=scfg["sigma2"])
+    entropy_map_png(s, poison_mask, run_dir / "entropy_map.png", title=f"{run_dir.parent.name}/{run_dir.name}",
+                    sigma1=scfg["sigma1"], sigma2=scfg["sigma2"])
     models.save_model(res.model, run_dir / "defended.safetensors", defended_by="cgd", recipe=cfg["unlearn"])
     atomic_write_text(run_dir / "report.md", run_report(run_dir.name, cfg, metrics))
     write_json(run_dir / "metrics.json", metrics)
