@@ -96,8 +96,9 @@ def results_table(results: Path) -> str:
     cells = {}
     for p in sorted(Path(results).glob("*.json")):
         c = json.loads(p.read_text())
-        cells[(c["attack"], c["defense"])] = c
-    head = ("| attack | defense | CA | ASR | TPR | FPR | AUROC guide / model | victim s | guide s | split s | "
+        if "attack" in c and "defense" in c:  # other measurements (guide quality) live beside the cells
+            cells[(c["attack"], c["defense"])] = c
+    head = ("| attack | defense | CA | ASR | TPR | FPR | AUROC guide / model | victim s | guide s | split+probe s | "
             "unlearn s | date |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = [head]
     for (attack, defense), c in sorted(cells.items()):
@@ -106,8 +107,10 @@ def results_table(results: Path) -> str:
         def f(v, spec=".4f"):
             return "" if v is None else format(v, spec)
 
+        split_s = t.get("split_s", 0) + t.get("refine_split_s", 0) if "split_s" in t else None
+        aurocs = f"{d['auroc_guide']:.3f} / {d['auroc_model']:.3f}" if d else ""
         rows.append(f"| {attack} | {defense} | {f(c['ca'])} | {f(c['asr'])} | {f(d.get('tpr'), '.3f')} | "
-                    f"{f(d.get('fpr'), '.3f')} | {f(d.get('auroc_guide'), '.3f')} / {f(d.get('auroc_model'), '.3f')} "
+                    f"{f(d.get('fpr'), '.3f')} | {aurocs} "
                     f"| {f(t.get('victim_train_s', c.get('victim_train_s')), '.0f')} | {f(t.get('guide_s'), '.0f')} "
-                    f"| {f(t.get('split_s'), '.1f')} | {f(t.get('unlearn_s'), '.0f')} | {c['date']} |")
+                    f"| {f(split_s, '.0f')} | {f(t.get('unlearn_s'), '.0f')} | {c['date']} |")
     return "\n".join(rows) + "\n"
