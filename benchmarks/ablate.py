@@ -21,7 +21,7 @@ from cgd.config import defaults, train_config
 from cgd.data import load_dataset
 from cgd.evaluate import ca_asr
 from cgd.io import write_json
-from cgd.pipeline import guide_logits, model_scores, train_victim
+from cgd.pipeline import guide_features, guide_logits, model_scores, score_and_split, train_victim
 from cgd.split import detection_metrics, nll, split
 from cgd.unlearn import recipe, unlearn
 
@@ -48,12 +48,17 @@ def setup(attack: str):
 
 def split_table(attack: str) -> None:
     ds, ps, victim, g, arch = setup(attack)
+    guide = guides.get(defaults()["guide"]["name"])
+    feats = lambda: guide_features(guide, ps.train.images, ROOT / "runs" / attack / "ablation")  # noqa: E731
     rows = {}
-    gn = nll(g, ps.train.labels)
     for how in SCORES:
-        s = split(gn, model_scores(victim, arch, ps.train.images, ps.train.labels, how))
-        rows[how] = detection_metrics(ps.poison_mask, s)
-        print(how, {k: round(v, 4) if isinstance(v, float) else v for k, v in rows[how].items()}, flush=True)
+        ms = model_scores(victim, arch, ps.train.images, ps.train.labels, how)
+        for rounds in (0, 1, 2):
+            scfg = {"sigma1": 0.2, "sigma2": 0.1, "refine": "probe" if rounds else "none", "refine_rounds": rounds}
+            s, _ = score_and_split(ps.train.labels, g, ms, scfg, 10, feats)
+            key = f"{how} probe x{rounds}"
+            rows[key] = detection_metrics(ps.poison_mask, s)
+            print(key, {k: round(v, 4) if isinstance(v, float) else v for k, v in rows[key].items()}, flush=True)
     write_json(ROOT / "results" / "ablation" / f"{attack}-split.json", rows)
 
 
