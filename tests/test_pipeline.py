@@ -91,3 +91,19 @@ def test_config_errors_before_any_file_is_written(tiny, tmp_path):
     assert c["unlearn"]["recipe"] == "paper" and c["victim"]["epochs"] == 2 and c["split"]["sigma1"] == 0.2
     (tmp_path / "d.yaml").write_text("split:\n  sigma1: 0.3\n")
     assert load_config(tmp_path / "d.yaml")["split"]["sigma1"] == 0.3
+
+
+def test_defend_a_given_model_without_history(tiny, poisoned, tmp_path):
+    """A user's own model has no recorded losses: the split falls back to the model's own NLL."""
+    from cgd import models
+    from cgd.train import TrainConfig, train
+
+    torch_model = models.get("fastnet", num_classes=4, widths=(8, 16, 16), stem=8)
+    trained = train(torch_model, poisoned.train.images, poisoned.train.labels,
+                    TrainConfig(epochs=2, batch_size=64, lr=0.2, augment="none")).model
+    models.save_model(trained, tmp_path / "m.safetensors")
+    logs = []
+    m = defend(poisoned.train, tiny_cfg(), tmp_path / "run", guide=LabelGuide(tiny.train.labels),
+               model_path=tmp_path / "m.safetensors", poison_mask=poisoned.poison_mask, log=logs.append)
+    assert any("final model" in line for line in logs)
+    assert "victim_train_s" not in m["timings"] and (tmp_path / "run" / "defended.safetensors").exists()

@@ -170,9 +170,12 @@ def defend(train_set: ImageSet, cfg: dict, run_dir: Path, *, guide=None, model_p
         arch = model.cgd_spec
         snap = models.load_model(snapshot_path).state_dict() if snapshot_path else None
         victim = TrainResult(model, snap, np.zeros((0, len(labels)), np.float32))
-        if snap is None and scfg["model_score"] == "snapshot":
-            log("no --snapshot given: scoring with the final model instead of the epoch-T snapshot")
-            scfg = dict(scfg, model_score="final")
+        wanted = scfg["model_score"]
+        if wanted.startswith("history:") or (wanted == "snapshot" and snap is None):
+            fallback = "snapshot" if snap is not None else "final"
+            log(f"a given model has no training-loss history{'' if snap is not None else ' or snapshot'}: "
+                f"scoring with the {fallback} model instead of {wanted!r}")
+            scfg = dict(scfg, model_score=fallback)
     n_out = victim.model(torch.zeros(1, 3, *train_set.images.shape[1:3]).contiguous(
         memory_format=torch.channels_last)).shape[1] if model_path else k
     if n_out != k:
