@@ -22,7 +22,7 @@ from cgd.data import load_dataset
 from cgd.evaluate import ca_asr
 from cgd.io import write_json
 from cgd.pipeline import guide_features, guide_logits, model_scores, score_and_split, train_victim
-from cgd.split import detection_metrics, nll, split
+from cgd.split import detection_metrics
 from cgd.unlearn import recipe, unlearn
 
 ROOT = Path(__file__).resolve().parent
@@ -43,12 +43,11 @@ def setup(attack: str):
     g = guide_logits(guide, ps.train.images, ds.class_names, work)
     print(f"guide logits in {time.perf_counter() - t:.1f} s", flush=True)
     arch = {"name": cfg["victim"]["arch"], "params": {"num_classes": 10}}
-    return ds, ps, victim, g, arch
+    return ds, ps, victim, g, arch, guide
 
 
 def split_table(attack: str) -> None:
-    ds, ps, victim, g, arch = setup(attack)
-    guide = guides.get(defaults()["guide"]["name"])
+    ds, ps, victim, g, arch, guide = setup(attack)
     feats = lambda: guide_features(guide, ps.train.images, ROOT / "runs" / attack / "ablation")  # noqa: E731
     rows = {}
     for how in SCORES:
@@ -63,11 +62,13 @@ def split_table(attack: str) -> None:
 
 
 def unlearn_variant(attack: str, base: str, overrides: dict, model_score: str, name: str) -> None:
-    ds, ps, victim, g, arch = setup(attack)
-    s = split(nll(g, ps.train.labels), model_scores(victim, arch, ps.train.images, ps.train.labels, model_score))
+    ds, ps, victim, g, arch, guide = setup(attack)
+    ms = model_scores(victim, arch, ps.train.images, ps.train.labels, model_score)
+    feats = lambda: guide_features(guide, ps.train.images, ROOT / "runs" / attack / "ablation")  # noqa: E731
+    s, g = score_and_split(ps.train.labels, g, ms, defaults()["split"], 10, feats)  # the cpu split (probe ×2)
     res = unlearn(victim.model, ps.train.images, ps.train.labels, s, g, recipe(base, **overrides), 10,
                   extra_eval=train_asr_probe(ps))
-    out = {"attack": attack, "recipe": base, "overrides": overrides, "model_score": model_score,
+    out = {"attack": attack, "recipe": base, "overrides": overrides, "model_score": model_score, "split": "probe x2",
            "detection": detection_metrics(ps.poison_mask, s), "history": res.history,
            "stopped_early": res.stopped_early, "unlearn_s": res.seconds,
            "test_before": ca_asr(victim.model, ps, ds.test), "test_after": ca_asr(res.model, ps, ds.test),
@@ -81,7 +82,7 @@ def main():
     p.add_argument("what", choices=["split", "unlearn"])
     p.add_argument("--attack", default="badnets")
     p.add_argument("--recipe", default="cpu")
-    p.add_argument("--model-score", default="snapshot")
+    p.add_argument("--model-score", default=defaults()["split"]["model_score"])
     p.add_argument("--name", default=None)
     p.add_argument("overrides", nargs="?", default="{}", help="JSON of UnlearnConfig overrides")
     a = p.parse_args()
