@@ -201,13 +201,13 @@ def _read_fashion(root: Path) -> Dataset:
                    name="fashion-mnist")
 
 
-def _cached(source: Path, reader) -> Dataset:
+def _cached(source: Path, reader, name: str | None = None) -> Dataset:
     st = source.stat()
     key = hashlib.sha256(f"{source.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
     cached = cache_dir("datasets") / f"{source.name.split('.')[0]}-{key}.npz"
     if cached.exists():
         ds = load_npz(cached)
-        return Dataset(ds.train, ds.test, name=source.name.split(".")[0].split("-")[0])
+        return Dataset(ds.train, ds.test, name=name or source.name.split(".")[0].split("-")[0])
     ds = reader(source)
     save_npz(ds, cached)
     return ds
@@ -275,7 +275,7 @@ def load_dataset(spec: str | os.PathLike = "auto") -> Dataset:
             raise CGDError(_no_data_message())
     fm = find_fashion_mnist()
     if fm is not None:
-        return _cached(fm / "train-images-idx3-ubyte.gz", lambda _: _read_fashion(fm))
+        return _cached(fm / "train-images-idx3-ubyte.gz", lambda _: _read_fashion(fm), name="fashion-mnist")
     raise CGDError(_no_data_message())
 
 
