@@ -52,7 +52,8 @@ def train_asr_probe(poisoned: attacks.PoisonedSet, n: int = 1000, seed: int = 0)
     return lambda model: {"train_asr": accuracy(model, x, y)}
 
 
-def run_benchmark(attack_names: list[str], cfg: dict, root: Path, data: str = "cifar10", log=print) -> list[Path]:
+def run_benchmark(attack_names: list[str], cfg: dict, root: Path, data: str = "cifar10", with_cgd: bool = True,
+                  log=print) -> list[Path]:
     root = Path(root)
     results = root / "results"
     results.mkdir(parents=True, exist_ok=True)
@@ -77,7 +78,10 @@ def run_benchmark(attack_names: list[str], cfg: dict, root: Path, data: str = "c
             r = ca_asr(victim.model, ps, ds.test)
             cell = {**common, "defense": "none", **r, "victim_train_s": victim.seconds, "date": today}
             write_json(results / f"{today}-{name}-none.json", cell)
+            written.append(results / f"{today}-{name}-none.json")
             log(f"{name} no defense: CA {r['ca']:.4f} ASR {r['asr']:.4f} ({victim.seconds:.0f} s victim)")
+        if not with_cgd:
+            continue
         defense = f"cgd-{cfg['unlearn']['recipe']}"
         if _find(results, name, defense, key) is None:
             m = defend(ps.train, cell_cfg, run / defense, poison_mask=ps.poison_mask, poisoned=ps, test=ds.test,

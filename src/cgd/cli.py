@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attacks", default="badnets,blend,sig")
     p.add_argument("--recipe", default="cpu", choices=["cpu", "paper"], help="CGD recipe (default: %(default)s)")
     p.add_argument("--data", default="cifar10")
+    p.add_argument("--victims-only", action="store_true",
+                   help="train and score the victims without running CGD (its cells can follow later)")
     p.add_argument("--root", default="benchmarks", help="benchmark folder (default: %(default)s)")
     _config(p)
     return parser
@@ -260,7 +262,8 @@ def cmd_bench(args) -> int:
     from .bench import run_benchmark
 
     cfg = _load_cfg(args)
-    run_benchmark([a for a in args.attacks.split(",") if a], cfg, Path(args.root), data=args.data)
+    run_benchmark([a for a in args.attacks.split(",") if a], cfg, Path(args.root), data=args.data,
+                  with_cgd=not args.victims_only)
     return 0
 
 
