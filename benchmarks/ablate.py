@@ -5,6 +5,7 @@ trigger applied to 1,000 clean non-target *training* images). Test CA/ASR are re
 never used to choose.
 
     python benchmarks/ablate.py split --attack badnets
+    python benchmarks/ablate.py purify --attack sig
     python benchmarks/ablate.py unlearn --attack badnets --recipe cpu --name lam05 '{"lambda_un": 0.5}'
 """
 
@@ -21,7 +22,8 @@ from cgd.config import defaults, train_config
 from cgd.data import load_dataset
 from cgd.evaluate import ca_asr
 from cgd.io import write_json
-from cgd.pipeline import guide_features, guide_logits, model_scores, score_and_split, train_victim
+from cgd.pipeline import (guide_features, guide_logits, model_features, model_scores, score_and_split,
+                          train_victim)
 from cgd.split import detection_metrics
 from cgd.unlearn import recipe, unlearn
 
@@ -43,17 +45,19 @@ def setup(attack: str):
     g = guide_logits(guide, ps.train.images, ds.class_names, work)
     print(f"guide logits in {time.perf_counter() - t:.1f} s", flush=True)
     arch = {"name": cfg["victim"]["arch"], "params": {"num_classes": 10}}
-    return ds, ps, victim, g, arch, guide
+    feats = lambda: guide_features(guide, ps.train.images, work)  # noqa: E731
+    zfeats = lambda: model_features(victim.model, ps.train.images, work)  # noqa: E731
+    return ds, ps, victim, g, arch, feats, zfeats
 
 
 def split_table(attack: str) -> None:
-    ds, ps, victim, g, arch, guide = setup(attack)
-    feats = lambda: guide_features(guide, ps.train.images, ROOT / "runs" / attack / "ablation")  # noqa: E731
+    ds, ps, victim, g, arch, feats, _ = setup(attack)
     rows = {}
     for how in SCORES:
         ms = model_scores(victim, arch, ps.train.images, ps.train.labels, how)
         for rounds in (0, 1, 2):
-            scfg = {"sigma1": 0.2, "sigma2": 0.1, "refine": "probe" if rounds else "none", "refine_rounds": rounds}
+            scfg = {"sigma1": 0.2, "sigma2": 0.1, "refine": "probe" if rounds else "none", "refine_rounds": rounds,
+                    "purify": 0}
             s, _ = score_and_split(ps.train.labels, g, ms, scfg, 10, feats)
             key = f"{how} probe x{rounds}"
             rows[key] = detection_metrics(ps.poison_mask, s)
@@ -61,14 +65,29 @@ def split_table(attack: str) -> None:
     write_json(ROOT / "results" / "ablation" / f"{attack}-split.json", rows)
 
 
+def purify_table(attack: str) -> None:
+    """The cpu recipe's split with and without the neighbour purification of D_c, per probe round count."""
+    ds, ps, victim, g, arch, feats, zfeats = setup(attack)
+    ms = model_scores(victim, arch, ps.train.images, ps.train.labels, defaults()["split"]["model_score"])
+    rows = {}
+    for rounds in (0, 2):
+        for keep in (0, 0.3, 0.5, 0.7):
+            scfg = dict(defaults()["split"], refine="probe" if rounds else "none", refine_rounds=rounds, purify=keep)
+            s, _ = score_and_split(ps.train.labels, g, ms, scfg, 10, feats, zfeats)
+            key = f"probe x{rounds} purify {keep}"
+            rows[key] = detection_metrics(ps.poison_mask, s)
+            print(key, {k: round(v, 4) if isinstance(v, float) else v for k, v in rows[key].items()}, flush=True)
+    write_json(ROOT / "results" / "ablation" / f"{attack}-purify.json", rows)
+
+
 def unlearn_variant(attack: str, base: str, overrides: dict, model_score: str, name: str) -> None:
-    ds, ps, victim, g, arch, guide = setup(attack)
+    ds, ps, victim, g, arch, feats, zfeats = setup(attack)
     ms = model_scores(victim, arch, ps.train.images, ps.train.labels, model_score)
-    feats = lambda: guide_features(guide, ps.train.images, ROOT / "runs" / attack / "ablation")  # noqa: E731
-    s, g = score_and_split(ps.train.labels, g, ms, defaults()["split"], 10, feats)  # the cpu split (probe ×2)
+    scfg = defaults()["split"]  # the cpu split: probe ×2, purified D_c
+    s, g = score_and_split(ps.train.labels, g, ms, scfg, 10, feats, zfeats)
     res = unlearn(victim.model, ps.train.images, ps.train.labels, s, g, recipe(base, **overrides), 10,
                   extra_eval=train_asr_probe(ps))
-    out = {"attack": attack, "recipe": base, "overrides": overrides, "model_score": model_score, "split": "probe x2",
+    out = {"attack": attack, "recipe": base, "overrides": overrides, "model_score": model_score, "split": scfg,
            "detection": detection_metrics(ps.poison_mask, s), "history": res.history,
            "stopped_early": res.stopped_early, "unlearn_s": res.seconds,
            "test_before": ca_asr(victim.model, ps, ds.test), "test_after": ca_asr(res.model, ps, ds.test),
@@ -79,7 +98,7 @@ def unlearn_variant(attack: str, base: str, overrides: dict, model_score: str, n
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["split", "unlearn"])
+    p.add_argument("what", choices=["split", "purify", "unlearn"])
     p.add_argument("--attack", default="badnets")
     p.add_argument("--recipe", default="cpu")
     p.add_argument("--model-score", default=defaults()["split"]["model_score"])
@@ -88,6 +107,8 @@ def main():
     a = p.parse_args()
     if a.what == "split":
         split_table(a.attack)
+    elif a.what == "purify":
+        purify_table(a.attack)
     else:
         unlearn_variant(a.attack, a.recipe, json.loads(a.overrides), a.model_score, a.name or a.recipe)
 

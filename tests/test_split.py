@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from cgd import CGDError
-from cgd.split import auroc, detection_metrics, nll, oversample_clean, percentile_rank, split
+from cgd.split import (auroc, detection_metrics, neighbour_poison_fraction, nll, oversample_clean, percentile_rank,
+                       purify, split)
 
 
 def test_percentile_rank_orders_and_averages_ties():
@@ -67,3 +68,39 @@ def test_auroc():
     assert auroc(np.array([0.1, 0.2, 0.8, 0.9]), np.array([0, 0, 1, 1], bool)) == 1.0
     assert auroc(np.array([0.9, 0.8, 0.2, 0.1]), np.array([0, 0, 1, 1], bool)) == 0.0
     assert auroc(np.array([1, 1, 1, 1.0]), np.array([0, 1, 0, 1], bool)) == 0.5
+
+
+def _clusters():
+    """Two tight same-label clusters in feature space (A: 0–29, B: 30–59) and a third class far away (60–89)."""
+    rng = np.random.default_rng(0)
+    centres = np.array([[10.0, 0, 0], [0, 10.0, 0], [0, 0, 10.0]])
+    f = np.concatenate([c + rng.normal(0, 0.5, (30, 3)) for c in centres])
+    labels = np.array([0] * 60 + [1] * 30)
+    return f, labels
+
+
+def test_neighbour_fraction_counts_same_label_dp_neighbours():
+    f, labels = _clusters()
+    poison = np.arange(0, 25)  # most of cluster A is in D_p; 25–29 slipped out of it
+    frac = neighbour_poison_fraction(f, labels, poison, k=10)
+    assert (frac[25:30] >= 0.6).all()  # among their 10 neighbours at most the 4 other slipped-out ones are not D_p
+    assert (frac[30:60] == 0).all()
+    # D_p neighbours of another label do not count: the third class sees no same-label D_p
+    assert (neighbour_poison_fraction(f, labels, np.arange(30, 90), k=10)[0:30] == 0).all()
+    with pytest.raises(CGDError, match="k"):
+        neighbour_poison_fraction(f, labels, poison, k=90)
+
+
+def test_purify_keeps_the_most_trusted_share_of_each_class():
+    f, labels = _clusters()
+    g = np.where(np.arange(90) < 25, 5.0, 0.0) + np.linspace(0, 0.1, 90)
+    s = split(g, np.ones(90) + np.linspace(0, 0.1, 90), sigma1=0.2, sigma2=0.1)
+    assert set(range(25, 30)) <= set(s.clean)  # the paper's split trusts the slipped-out poison
+    p = purify(s, neighbour_poison_fraction(f, labels, s.poison, k=10), labels, keep=0.5)
+    assert not set(range(25, 30)) & set(p.clean)
+    for c in (0, 1):
+        assert abs((labels[p.clean] == c).sum() - 0.5 * (labels[s.clean] == c).sum()) <= 1
+    assert np.array_equal(p.poison, s.poison)
+    assert sorted(np.concatenate([p.clean, p.poison, p.mixed])) == list(range(90))
+    with pytest.raises(CGDError):
+        purify(s, np.zeros(90), labels, keep=0)

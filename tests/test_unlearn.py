@@ -5,7 +5,7 @@ import torch
 from cgd import CGDError, attacks, models
 from cgd.split import Split, split
 from cgd.train import TrainConfig, accuracy, train
-from cgd.unlearn import UnlearnConfig, recipe, unlearn, unlearning_loss
+from cgd.unlearn import UnlearnConfig, recipe, step_lr, unlearn, unlearning_loss
 
 
 def test_unlearning_losses_and_their_gradients():
@@ -71,3 +71,25 @@ def test_empty_clean_subset_and_nan_guide_are_errors(tiny, backdoored):
     bad = np.full((n, 4), np.nan, np.float32)
     with pytest.raises(CGDError, match="NaN"):
         unlearn(model, ps.train.images, ps.train.labels, _oracle_split(ps), bad, UnlearnConfig(), 4)
+
+
+
+def test_lr_decay_goes_linearly_to_zero_over_the_bounded_steps():
+    decayed, flat = UnlearnConfig(lr=0.1, lr_decay=True), UnlearnConfig(lr=0.1)
+    lrs = [step_lr(decayed, i, 10) for i in range(10)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[-1] == pytest.approx(0.01)
+    assert np.allclose(np.diff(lrs), -0.01)
+    assert {step_lr(flat, i, 10) for i in range(10)} == {0.1}
+
+
+def test_with_lr_decay_only_the_final_model_is_judged(tiny, backdoored):
+    """A destructive run under the decay is judged at its end and gives back the original model."""
+    ps, model = backdoored
+    s = _oracle_split(ps)
+    guide = np.zeros((len(ps.poison_mask), 4), np.float32)
+    cfg = UnlearnConfig(lr=5.0, momentum=0.9, lambda_un=50.0, unlearn_loss="log-not-p", epochs=3, tau=0.01,
+                        lr_decay=True)
+    res = unlearn(model, ps.train.images, ps.train.labels, s, guide, cfg, 4)
+    assert res.stopped_early and len(res.history) == 4  # all three epochs ran, no mid-run stop
+    for a, b in zip(res.model.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)

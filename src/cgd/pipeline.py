@@ -17,7 +17,7 @@ from .data import ImageSet
 from .evaluate import ca_asr, clean_accuracy
 from .io import atomic_write_text, load_arrays, read_json, save_arrays, write_json
 from .refine import probe_logits
-from .split import detection_metrics, nll, split
+from .split import detection_metrics, neighbour_poison_fraction, nll, purify, split
 from .train import TrainConfig, TrainResult, predict_logits, train
 from .unlearn import unlearn
 
@@ -78,49 +78,78 @@ def model_scores(victim: TrainResult, arch_spec: dict, images: np.ndarray, label
     return nll(predict_logits(m, images, desc="model scores"), labels)
 
 
+def _in_work(path: Path, n: int, compute) -> np.ndarray:
+    """An (N, …) array kept in the run's work folder: loaded when it holds `n` rows, else computed and saved."""
+    if path.exists():
+        a = next(iter(load_arrays(path).values()), np.zeros(0))
+        if len(a) == n:
+            return a
+    a = compute()
+    save_arrays(path, array=a)
+    return a
+
+
 def guide_logits(guide, images: np.ndarray, class_names: list[str], work: Path) -> np.ndarray:
     """The guide's logits for every training image, saved in the run's work folder (the guide caches too)."""
-    path = work / "guide_logits.safetensors"
-    if path.exists():
-        g = load_arrays(path)["logits"]
-        if g.shape == (len(images), len(class_names)):
-            return g
-    g = np.asarray(guide.class_logits(images, class_names), dtype=np.float32)
-    if g.shape != (len(images), len(class_names)):
-        raise CGDError(f"guide returned logits of shape {g.shape}; expected {(len(images), len(class_names))}")
-    if not np.isfinite(g).all():
-        raise CGDError("guide returned NaN or infinite logits")
-    save_arrays(path, logits=g)
-    return g
+    def compute():
+        g = np.asarray(guide.class_logits(images, class_names), dtype=np.float32)
+        if g.shape != (len(images), len(class_names)):
+            raise CGDError(f"guide returned logits of shape {g.shape}; expected {(len(images), len(class_names))}")
+        if not np.isfinite(g).all():
+            raise CGDError("guide returned NaN or infinite logits")
+        return g
+
+    return _in_work(work / "guide_logits.safetensors", len(images), compute)
 
 
 def guide_features(guide, images: np.ndarray, work: Path) -> np.ndarray:
     """The guide's image features (for the probe refinement), saved in the run's work folder."""
-    path = work / "guide_features.safetensors"
-    if path.exists():
-        f = load_arrays(path)["features"]
-        if len(f) == len(images):
-            return f
-    if not hasattr(guide, "features"):
-        raise CGDError(f"guide {getattr(guide, 'id', guide)!r} has no image features: set split.refine = 'none'")
-    f = np.asarray(guide.features(images), dtype=np.float32)
-    if f.ndim != 2 or len(f) != len(images) or not np.isfinite(f).all():
-        raise CGDError(f"guide features must be finite and (N, D); got shape {f.shape}")
-    save_arrays(path, features=f)
-    return f
+    def compute():
+        if not hasattr(guide, "features"):
+            raise CGDError(f"guide {getattr(guide, 'id', guide)!r} has no image features: "
+                           "set split.refine = 'none'")
+        f = np.asarray(guide.features(images), dtype=np.float32)
+        if f.ndim != 2 or len(f) != len(images) or not np.isfinite(f).all():
+            raise CGDError(f"guide features must be finite and (N, D); got shape {f.shape}")
+        return f
+
+    return _in_work(work / "guide_features.safetensors", len(images), compute)
+
+
+def model_features(model, images: np.ndarray, work: Path) -> np.ndarray:
+    """The suspicious model's penultimate features of every training image (for the neighbour purification)."""
+    return _in_work(work / "model_features.safetensors", len(images),
+                    lambda: predict_logits(model, images, desc="model features", features=True))
 
 
 def score_and_split(labels: np.ndarray, g: np.ndarray, model_nll: np.ndarray, scfg: dict, num_classes: int,
-                    features=None, seed: int = 0):
-    """The split from guide logits and model NLL; with `refine = "probe"`, the guide is sharpened by a linear probe
-    on its features fitted on the current D_c (out of fold), `refine_rounds` times. Returns (split, guide logits)."""
-    s = split(nll(g, labels), model_nll, scfg["sigma1"], scfg["sigma2"])
-    if scfg.get("refine", "none") == "probe":
-        for _ in range(scfg.get("refine_rounds", 1)):
-            g = probe_logits(features(), labels, s.clean, num_classes, seed=seed)
-            s = split(nll(g, labels), model_nll, scfg["sigma1"], scfg["sigma2"])
-    elif scfg.get("refine", "none") != "none":
+                    features=None, model_features=None, seed: int = 0):
+    """The split from guide logits and model NLL, with the cpu recipe's two additions (docs/benchmarks.md):
+
+    * `purify = q` (0 < q < 1) keeps in D_c, per class, the share q trusted most (see `split.purify`), using the
+      suspicious model's features (`model_features()`) to find D_c samples that sit among D_p;
+    * `refine = "probe"` sharpens the guide by a linear probe on its own features (`features()`), fitted on the
+      current D_c (out of fold), `refine_rounds` times, re-splitting after each.
+    Returns (split, guide logits)."""
+    keep = scfg.get("purify", 0)
+    if scfg.get("refine", "none") not in ("probe", "none"):
         raise CGDError(f"unknown split.refine {scfg['refine']!r}: use 'probe' or 'none'")
+    if not 0 <= keep <= 1:
+        raise CGDError(f"split.purify must be 0 (off) or a share in (0, 1]; got {keep}")
+    z = model_features() if keep else None
+
+    def one_split(guide):
+        s = split(nll(guide, labels), model_nll, scfg["sigma1"], scfg["sigma2"])
+        if keep:
+            s = purify(s, neighbour_poison_fraction(z, labels, s.poison, k=scfg.get("neighbours", 20)), labels,
+                       keep)
+        return s
+
+    s = one_split(g)
+    rounds = scfg.get("refine_rounds", 1) if scfg.get("refine", "none") == "probe" else 0
+    for _ in range(rounds):
+        g = probe_logits(features(), labels, s.clean, num_classes, seed=seed)
+        s = one_split(g)
     return s, g
 
 
@@ -189,8 +218,8 @@ def defend(train_set: ImageSet, cfg: dict, run_dir: Path, *, guide=None, model_p
     model_nll = model_scores(victim, arch, train_set.images, labels, scfg["model_score"])
     timings["split_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    feats = (lambda: guide_features(guide, train_set.images, work))
-    s, g = score_and_split(labels, g, model_nll, scfg, k, feats, seed=cfg["seed"])
+    s, g = score_and_split(labels, g, model_nll, scfg, k, lambda: guide_features(guide, train_set.images, work),
+                           lambda: model_features(victim.model, train_set.images, work), seed=cfg["seed"])
     timings["refine_split_s"] = time.perf_counter() - t
     log(f"split: {s.sizes()}")
     det = detection_metrics(poison_mask, s) if poison_mask is not None else {}

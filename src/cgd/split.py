@@ -6,6 +6,10 @@ Two per-sample scores, both negative log-likelihoods of the sample's given label
 Both are turned into percentile ranks in (0, 1]; then, with σ1 = 0.2 and σ2 = 0.1,
     D_c = {rank_guide ≤ 1−σ1 and rank_model ≥ σ1},   D_p = {rank_guide > 1−σ2 or rank_model < σ2},
 and the rest is "mixed".
+
+On top of the paper, `purify` shrinks D_c to the samples most trusted by three signals at once — the guide agrees, the
+model did not learn them suspiciously fast, and few of their nearest neighbours in the suspicious model's own feature
+space lie in D_p (a trigger makes poisoned samples cluster there, so poison that slipped into D_c sits among D_p).
 """
 
 from __future__ import annotations
@@ -84,6 +88,47 @@ def split(guide_nll: np.ndarray, model_nll: np.ndarray, sigma1: float = 0.2, sig
     poison = (rg > 1 - sigma2) | (rm < sigma2)
     mixed = ~clean & ~poison
     return Split(np.flatnonzero(clean), np.flatnonzero(poison), np.flatnonzero(mixed), guide_nll, model_nll, rg, rm)
+
+
+def neighbour_poison_fraction(features: np.ndarray, labels: np.ndarray, poison: np.ndarray, k: int = 20,
+                              chunk: int = 1024) -> np.ndarray:
+    """For each sample, the share of its `k` nearest neighbours (cosine similarity of centred `features`, itself
+    excluded) that are in D_p (`poison` indices) and carry the same label. Chunked: memory O(chunk · N)."""
+    f = np.asarray(features, dtype=np.float32)
+    labels = np.asarray(labels)
+    if f.ndim != 2 or len(f) != len(labels):
+        raise CGDError(f"features must be (N, D) for N = {len(labels)} labels; got shape {f.shape}")
+    if not 0 < k < len(f):
+        raise CGDError(f"need 0 < k < N for the neighbour score; got k={k}, N={len(f)}")
+    f = f - f.mean(0)
+    f /= np.linalg.norm(f, axis=1, keepdims=True) + 1e-12
+    in_p = np.zeros(len(f), bool)
+    in_p[poison] = True
+    out = np.empty(len(f), dtype=np.float64)
+    for i in range(0, len(f), chunk):
+        sim = f[i:i + chunk] @ f.T
+        rows = np.arange(len(sim))
+        sim[rows, i + rows] = -np.inf
+        nn = np.argpartition(-sim, k, axis=1)[:, :k]
+        out[i:i + chunk] = (in_p[nn] & (labels[nn] == labels[i:i + chunk, None])).mean(1)
+    return out
+
+
+def purify(s: Split, neighbour_fraction: np.ndarray, labels: np.ndarray, keep: float = 0.5) -> Split:
+    """Keep, in every class, the `keep` share of D_c with the lowest distrust (rank of the neighbour fraction +
+    guide rank + 1 − model rank); the rest of D_c moves to "mixed". D_p is unchanged."""
+    if not 0 < keep <= 1:
+        raise CGDError(f"purify keep must be in (0, 1]; got {keep}")
+    labels = np.asarray(labels)
+    distrust = percentile_rank(np.asarray(neighbour_fraction)) + s.guide_rank + (1 - s.model_rank)
+    kept = []
+    for c in np.unique(labels[s.clean]):
+        members = s.clean[labels[s.clean] == c]
+        order = members[np.argsort(distrust[members], kind="stable")]
+        kept.append(order[:max(1, int(round(keep * len(order))))])
+    clean = np.sort(np.concatenate(kept)) if kept else s.clean
+    mixed = np.union1d(s.mixed, np.setdiff1d(s.clean, clean))
+    return Split(clean, s.poison, mixed, s.guide_nll, s.model_nll, s.guide_rank, s.model_rank)
 
 
 def oversample_clean(clean_idx: np.ndarray, labels: np.ndarray, num_classes: int, seed: int = 0) -> np.ndarray:

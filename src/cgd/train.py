@@ -170,14 +170,16 @@ def _resume(d: Path, model, opt, history, config):
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, images: np.ndarray, batch_size: int = 1000, desc: str | None = None
-                   ) -> np.ndarray:
-    """Logits (N, C) float32 of `model` in eval mode over uint8 images."""
+def predict_logits(model: nn.Module, images: np.ndarray, batch_size: int = 1000, desc: str | None = None,
+                   features: bool = False) -> np.ndarray:
+    """Logits (N, C) float32 of `model` in eval mode over uint8 images; with `features`, the model's penultimate
+    features (its `features` method; models without one give their logits)."""
     model.eval()
+    fn = model.features if features and hasattr(model, "features") else model
     out = []
     steps = range(0, len(images), batch_size)
     for i in progress(steps, desc=desc) if desc else steps:
-        out.append(model(to_input(images[i:i + batch_size])).float())
+        out.append(fn(to_input(images[i:i + batch_size])).float())
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
