@@ -104,7 +104,7 @@ def main():
     p.add_argument("--model-score", default=defaults()["split"]["model_score"])
     p.add_argument("--name", default=None)
     p.add_argument("overrides", nargs="?", default="{}", help="JSON of UnlearnConfig overrides")
-    a = p.parse_args()
+    a = p.parse_intermixed_args()
     if a.what == "split":
         split_table(a.attack)
     elif a.what == "purify":

@@ -54,6 +54,31 @@ def check_prompt(prompt: str) -> str:
     return prompt
 
 
+def cached_rows(store: RowCache | None, images: np.ndarray, width: int, compute, chunk_size: int, desc: str
+                ) -> np.ndarray:
+    """(N, width) rows, one per image: read from `store` where present, else `compute(batch)` for each distinct
+    unseen image, in chunks stored as they finish (an interrupted run resumes from the last chunk)."""
+    if len(images) == 0:
+        return np.zeros((0, width), np.float32)
+    hashes = image_hashes(images)
+    rows, found = (None, np.zeros(len(images), bool)) if store is None else store.lookup(hashes)
+    if rows is None or rows.shape[1] != width:
+        rows, found = np.full((len(images), width), np.nan, np.float32), np.zeros(len(images), bool)
+    if found.all():
+        return rows
+    missing = np.flatnonzero(~found)
+    _, first, inverse = np.unique(hashes[missing], axis=0, return_index=True, return_inverse=True)
+    todo = missing[first]  # each distinct image once
+    new = np.empty((len(todo), width), np.float32)
+    for start in progress(range(0, len(todo), chunk_size), desc=desc, total=-(-len(todo) // chunk_size)):
+        sl = slice(start, start + chunk_size)
+        new[sl] = compute(images[todo[sl]])
+        if store is not None:
+            store.store(hashes[todo[sl]], new[sl])
+    rows[missing] = new[inverse.reshape(-1)]
+    return rows
+
+
 class Guide:
     """Base class. `cache`: True (default directory), False, or a directory for the per-image score cache."""
 
@@ -89,32 +114,16 @@ class Guide:
     def cached_scores(self, images: np.ndarray, class_names: list[str], desc: str | None = None) -> np.ndarray:
         """`scores` for every image, reading and filling the per-image cache; only unseen images are scored."""
         images, class_names = check_images(images), check_class_names(class_names)
-        if len(images) == 0:
-            return np.zeros((0, len(class_names)), np.float32)
-        store = self.row_cache(class_names)
-        hashes = image_hashes(images)
-        rows, found = (None, np.zeros(len(images), bool)) if store is None else store.lookup(hashes)
-        if rows is None or rows.shape[1] != len(class_names):
-            rows, found = np.full((len(images), len(class_names)), np.nan, np.float32), np.zeros(len(images), bool)
-        if not found.all():
-            missing = np.flatnonzero(~found)
-            # score each distinct image once
-            _, first, inverse = np.unique(hashes[missing], axis=0, return_index=True, return_inverse=True)
-            todo = missing[first]
-            new = np.empty((len(todo), len(class_names)), np.float32)
-            bar = progress(range(0, len(todo), self.chunk_size), desc=desc or f"guide {self.id}",
-                           total=-(-len(todo) // self.chunk_size))
-            for start in bar:
-                sl = slice(start, start + self.chunk_size)
-                out = np.asarray(self.scores(images[todo[sl]], class_names), dtype=np.float32)
-                if out.shape != (len(todo[sl]), len(class_names)) or not np.isfinite(out).all():
-                    raise CGDError(f"guide {self.id} returned bad scores: shape {out.shape}, "
-                                   f"finite {np.isfinite(out).all()}")
-                new[sl] = out
-                if store is not None:
-                    store.store(hashes[todo[sl]], out)
-            rows[missing] = new[inverse.reshape(-1)]
-        return rows
+
+        def score(batch):
+            out = np.asarray(self.scores(batch, class_names), dtype=np.float32)
+            if out.shape != (len(batch), len(class_names)) or not np.isfinite(out).all():
+                raise CGDError(f"guide {self.id} returned bad scores: shape {out.shape}, "
+                               f"finite {np.isfinite(out).all()}")
+            return out
+
+        return cached_rows(self.row_cache(class_names), images, len(class_names), score, self.chunk_size,
+                           desc or f"guide {self.id}")
 
     def class_logits(self, images: np.ndarray, class_names: list[str]) -> np.ndarray:
         """float32 (N, C) log-probabilities or logits over `class_names`."""

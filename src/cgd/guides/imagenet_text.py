@@ -20,8 +20,7 @@ import numpy as np
 from .. import CGDError
 from . import efficientnet as ef
 from . import text as tx
-from ..progress import progress
-from .base import DEFAULT_PROMPT, Guide, check_images
+from .base import DEFAULT_PROMPT, Guide, cached_rows, check_images
 from .cache import RowCache, image_hashes
 
 
@@ -87,20 +86,8 @@ class ImageNetTextGuide(Guide):
 
     def features(self, images: np.ndarray) -> np.ndarray:
         """(N, 1280) float32 EfficientNet-Lite0 pooled features (for the probe refinement), cached per image."""
-        images = check_images(images)
-        store = self._feature_cache()
-        hashes = image_hashes(images)
-        rows, found = (None, np.zeros(len(images), bool)) if store is None else store.lookup(hashes)
-        if rows is None:
-            rows = np.full((len(images), 1280), np.nan, np.float32)
-        missing = np.flatnonzero(~found)
-        for start in progress(range(0, len(missing), self.chunk_size), desc="guide features",
-                              total=-(-len(missing) // self.chunk_size)):
-            idx = missing[start:start + self.chunk_size]
-            _, rows[idx] = self.runner(images[idx])
-            if store is not None:
-                store.store(hashes[idx], rows[idx])
-        return rows
+        return cached_rows(self._feature_cache(), check_images(images), 1280, lambda batch: self.runner(batch)[1],
+                           self.chunk_size, "guide features")
 
     # -- the text side
     def label_map(self, class_names: list[str]) -> np.ndarray:
