@@ -22,9 +22,9 @@ from cgd.config import defaults, train_config
 from cgd.data import load_dataset
 from cgd.evaluate import ca_asr
 from cgd.io import write_json
-from cgd.pipeline import (guide_features, guide_logits, model_features, model_scores, score_and_split,
-                          train_victim)
-from cgd.split import detection_metrics
+from cgd.pipeline import (guide_features, guide_logits, model_features, model_scores, resolve_model_score,
+                          score_and_split, train_victim)
+from cgd.split import detection_metrics, nll
 from cgd.unlearn import recipe, unlearn
 
 ROOT = Path(__file__).resolve().parent
@@ -68,7 +68,8 @@ def split_table(attack: str) -> None:
 def purify_table(attack: str) -> None:
     """The cpu recipe's split with and without the neighbour purification of D_c, per probe round count."""
     ds, ps, victim, g, arch, feats, zfeats = setup(attack)
-    ms = model_scores(victim, arch, ps.train.images, ps.train.labels, defaults()["split"]["model_score"])
+    how = resolve_model_score(defaults()["split"]["model_score"], victim, nll(g, ps.train.labels), 0.1)
+    ms = model_scores(victim, arch, ps.train.images, ps.train.labels, how)
     rows = {}
     for rounds in (0, 2):
         for keep in (0, 0.3, 0.5, 0.7):
@@ -82,7 +83,8 @@ def purify_table(attack: str) -> None:
 
 def unlearn_variant(attack: str, base: str, overrides: dict, model_score: str, name: str) -> None:
     ds, ps, victim, g, arch, feats, zfeats = setup(attack)
-    ms = model_scores(victim, arch, ps.train.images, ps.train.labels, model_score)
+    how = resolve_model_score(model_score, victim, nll(g, ps.train.labels), 0.1)
+    ms = model_scores(victim, arch, ps.train.images, ps.train.labels, how)
     scfg = defaults()["split"]  # the cpu split: probe ×2, purified D_c
     s, g = score_and_split(ps.train.labels, g, ms, scfg, 10, feats, zfeats)
     res = unlearn(victim.model, ps.train.images, ps.train.labels, s, g, recipe(base, **overrides), 10,

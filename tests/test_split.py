@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from cgd import CGDError
-from cgd.split import (auroc, detection_metrics, neighbour_poison_fraction, nll, oversample_clean, percentile_rank,
-                       purify, split)
+from cgd.split import (auroc, detection_metrics, history_window, neighbour_poison_fraction, nll, oversample_clean,
+                       percentile_rank, purify, split)
 
 
 def test_percentile_rank_orders_and_averages_ties():
@@ -104,3 +104,18 @@ def test_purify_keeps_the_most_trusted_share_of_each_class():
     assert sorted(np.concatenate([p.clean, p.poison, p.mixed])) == list(range(90))
     with pytest.raises(CGDError):
         purify(s, np.zeros(90), labels, keep=0)
+
+
+def test_history_window_finds_the_epoch_the_shortcut_is_learned():
+    rng = np.random.default_rng(0)
+    n, suspicious = 1000, np.arange(100)  # the guide flags the first 100 samples
+    guide = np.where(np.arange(n) < 100, 5.0, 0.0) + rng.random(n)
+    h = rng.random((8, n)) + 1.0
+    h[4, suspicious] = 0.01  # in epoch 5 the flagged samples are learned first...
+    h[0, suspicious] = 0.0  # ...and epoch 1 (warm-up) is ignored even where it looks the same
+    assert history_window(h, guide, sigma2=0.1) == (5, 7)
+    h[7, suspicious] = 0.001
+    h[4, suspicious] = 2.0
+    assert history_window(h, guide, sigma2=0.1) == (8, 8)  # clipped at the last epoch
+    with pytest.raises(CGDError):
+        history_window(h[:, :10], guide)

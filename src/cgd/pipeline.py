@@ -17,7 +17,7 @@ from .data import ImageSet
 from .evaluate import ca_asr, clean_accuracy
 from .io import atomic_write_text, load_arrays, read_json, save_arrays, write_json
 from .refine import probe_logits
-from .split import detection_metrics, neighbour_poison_fraction, nll, purify, split
+from .split import detection_metrics, history_window, neighbour_poison_fraction, nll, purify, split
 from .train import TrainConfig, TrainResult, predict_logits, train
 from .unlearn import unlearn
 
@@ -53,13 +53,22 @@ def train_victim(images: np.ndarray, labels: np.ndarray, num_classes: int, confi
 
 # ------------------------------------------------------------------------------------------------ defend
 
+def resolve_model_score(how: str, victim: TrainResult, guide_nll: np.ndarray, sigma2: float) -> str:
+    """"history:auto" → "history:A-B" with the window `split.history_window` finds; other values unchanged."""
+    if how != "history:auto":
+        return how
+    a, b = history_window(victim.loss_history, guide_nll, sigma2)
+    return f"history:{a}-{b}"
+
+
 def model_scores(victim: TrainResult, arch_spec: dict, images: np.ndarray, labels: np.ndarray, how: str
                  ) -> np.ndarray:
     """Per-sample model NLL used by the split.
 
     * "snapshot": NLL under the epoch-T snapshot (the paper);
     * "final": NLL under the final model (for a user who has no snapshot);
-    * "history:A-B": mean recorded training loss over epochs A..B (1-based, inclusive) — free, no inference.
+    * "history:A-B": mean recorded training loss over epochs A..B (1-based, inclusive) — free, no inference;
+    ("history:auto" is resolved by `resolve_model_score` first.)
     """
     if how.startswith("history:"):
         a, b = (int(v) for v in how.split(":", 1)[1].split("-"))
@@ -215,7 +224,10 @@ def defend(train_set: ImageSet, cfg: dict, run_dir: Path, *, guide=None, model_p
     g = guide_logits(guide, train_set.images, names, work)
     timings["guide_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    model_nll = model_scores(victim, arch, train_set.images, labels, scfg["model_score"])
+    how = resolve_model_score(scfg["model_score"], victim, nll(g, labels), scfg["sigma2"])
+    if how != scfg["model_score"]:
+        log(f"model score {scfg['model_score']}: {how}")
+    model_nll = model_scores(victim, arch, train_set.images, labels, how)
     timings["split_s"] = time.perf_counter() - t
     t = time.perf_counter()
     s, g = score_and_split(labels, g, model_nll, scfg, k, lambda: guide_features(guide, train_set.images, work),
@@ -239,7 +251,7 @@ def defend(train_set: ImageSet, cfg: dict, run_dir: Path, *, guide=None, model_p
     atomic_write_text(run_dir / "config.toml", cfg_text)
     scores_csv(s, labels, poison_mask, run_dir / "scores.csv")
     write_json(run_dir / "split.json", {"sigma1": scfg["sigma1"], "sigma2": scfg["sigma2"],
-                                        "model_score": scfg["model_score"], "sizes": s.sizes(),
+                                        "model_score": how, "sizes": s.sizes(),
                                         "clean": s.clean, "poison": s.poison, "mixed": s.mixed})
     entropy_map_png(s, poison_mask, run_dir / "entropy_map.png", title=f"{run_dir.parent.name}/{run_dir.name}",
                     sigma1=scfg["sigma1"], sigma2=scfg["sigma2"])

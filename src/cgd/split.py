@@ -90,6 +90,23 @@ def split(guide_nll: np.ndarray, model_nll: np.ndarray, sigma1: float = 0.2, sig
     return Split(np.flatnonzero(clean), np.flatnonzero(poison), np.flatnonzero(mixed), guide_nll, model_nll, rg, rm)
 
 
+def history_window(loss_history: np.ndarray, guide_nll: np.ndarray, sigma2: float = 0.1, width: int = 3,
+                   first: int = 2) -> tuple[int, int]:
+    """The epochs (1-based, inclusive) whose mean training loss makes the model score: the `width` epochs from the
+    one, at or after `first`, where most guide-suspicious samples (guide rank > 1 − σ2) are among the lowest-loss
+    σ2 of all samples — the epoch a shortcut has been learned but the clean data not yet fitted. Epoch 1 is skipped:
+    inside the warm-up, loss ranks follow image statistics more than anything learned."""
+    h = np.asarray(loss_history)
+    if h.ndim != 2 or h.shape[1] != len(guide_nll) or len(h) == 0:
+        raise CGDError(f"loss history must be (epochs, N) with N = {len(guide_nll)}; got shape {h.shape}")
+    suspicious = percentile_rank(np.asarray(guide_nll)) > 1 - sigma2
+    first = min(first, len(h))
+    share = [(percentile_rank(h[e])[suspicious] < sigma2).mean() if suspicious.any() else 0.0
+             for e in range(first - 1, len(h))]
+    start = first + int(np.argmax(share))
+    return start, min(start + width - 1, len(h))
+
+
 def neighbour_poison_fraction(features: np.ndarray, labels: np.ndarray, poison: np.ndarray, k: int = 20,
                               chunk: int = 1024) -> np.ndarray:
     """For each sample, the share of its `k` nearest neighbours (cosine similarity of centred `features`, itself
