@@ -5,7 +5,7 @@ import torch
 from cgd import CGDError, attacks, models
 from cgd.split import Split, split
 from cgd.train import TrainConfig, accuracy, train
-from cgd.unlearn import UnlearnConfig, recipe, step_lr, unlearn, unlearning_loss
+from cgd.unlearn import UnlearnConfig, allowed_drop, recipe, step_lr, unlearn, unlearning_loss
 
 
 def test_unlearning_losses_and_their_gradients():
@@ -93,3 +93,19 @@ def test_with_lr_decay_only_the_final_model_is_judged(tiny, backdoored):
     assert res.stopped_early and len(res.history) == 4  # all three epochs ran, no mid-run stop
     for a, b in zip(res.model.state_dict().values(), model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_allowed_drop_shrinks_to_tau_with_many_held_out_samples():
+    assert allowed_drop(0.02, 0.9, 160) > 0.08  # 160 samples: a 2.5-point dip is four images
+    assert allowed_drop(0.02, 0.96, 800) == pytest.approx(0.02 + 2 * np.sqrt(2 * 0.96 * 0.04 / 800))
+    assert allowed_drop(0.02, 0.96, 10**7) == pytest.approx(0.02, abs=1e-3)
+    assert allowed_drop(0.02, 1.0, 100) == 0.02
+
+
+def test_min_steps_adds_passes_over_a_small_clean_set(tiny, backdoored):
+    ps, model = backdoored
+    s = _oracle_split(ps)
+    guide = np.zeros((len(ps.poison_mask), 4), np.float32)
+    steps = -(-round(len(s.clean) * 0.95) // 256)  # passes over D_c minus the held-out slice, batch 256
+    res = unlearn(model, ps.train.images, ps.train.labels, s, guide, UnlearnConfig(epochs=1, min_steps=3 * steps), 4)
+    assert len(res.history) == 1 + 3
