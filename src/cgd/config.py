@@ -27,7 +27,7 @@ def defaults() -> dict:
 # How each recipe scores samples for the split (the unlearning side is `unlearn.RECIPES`).
 SPLIT_RECIPES = {
     "paper": {"model_score": "snapshot", "refine": "none", "refine_rounds": 0, "purify": 0.0, "neighbours": 20},
-    "cpu": {"model_score": "history:auto", "refine": "probe", "refine_rounds": 2, "purify": 0.5, "neighbours": 20},
+    "cpu": {"model_score": "history:auto", "refine": "probe", "refine_rounds": 2, "purify": 0.7, "neighbours": 20},
 }
 
 
