@@ -87,11 +87,12 @@ def model_scores(victim: TrainResult, arch_spec: dict, images: np.ndarray, label
     return nll(predict_logits(m, images, desc="model scores"), labels)
 
 
-def _in_work(path: Path, n: int, compute) -> np.ndarray:
-    """An (N, …) array kept in the run's work folder: loaded when it holds `n` rows, else computed and saved."""
+def _in_work(path: Path, n: int, compute, cols: int | None = None) -> np.ndarray:
+    """An (N, …) array kept in the run's work folder: loaded when it holds `n` rows (of `cols` columns, if given),
+    else computed and saved."""
     if path.exists():
         a = next(iter(load_arrays(path).values()), np.zeros(0))
-        if len(a) == n:
+        if len(a) == n and (cols is None or a.shape[1:] == (cols,)):
             return a
     a = compute()
     save_arrays(path, array=a)
@@ -108,7 +109,7 @@ def guide_logits(guide, images: np.ndarray, class_names: list[str], work: Path) 
             raise CGDError("guide returned NaN or infinite logits")
         return g
 
-    return _in_work(work / "guide_logits.safetensors", len(images), compute)
+    return _in_work(work / "guide_logits.safetensors", len(images), compute, cols=len(class_names))
 
 
 def guide_features(guide, images: np.ndarray, work: Path) -> np.ndarray:
