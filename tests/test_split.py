@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from cgd import CGDError
-from cgd.split import (auroc, detection_metrics, history_window, neighbour_poison_fraction, nll, oversample_clean,
+from cgd.split import (auroc, detection_metrics, history_window, nearest_neighbours, neighbour_poison_fraction, nll, oversample_clean,
                        percentile_rank, purify, split)
 
 
@@ -82,13 +82,20 @@ def _clusters():
 def test_neighbour_fraction_counts_same_label_dp_neighbours():
     f, labels = _clusters()
     poison = np.arange(0, 25)  # most of cluster A is in D_p; 25–29 slipped out of it
-    frac = neighbour_poison_fraction(f, labels, poison, k=10)
+    near = nearest_neighbours(f, k=10)
+    assert near.shape == (90, 10) and not (near == np.arange(90)[:, None]).any()  # never its own neighbour
+    assert all(set(near[i]) < set(range(i // 30 * 30, i // 30 * 30 + 30)) for i in range(90))  # within its cluster
+    frac = neighbour_poison_fraction(near, labels, poison)
     assert (frac[25:30] >= 0.6).all()  # among their 10 neighbours at most the 4 other slipped-out ones are not D_p
     assert (frac[30:60] == 0).all()
     # D_p neighbours of another label do not count: the third class sees no same-label D_p
-    assert (neighbour_poison_fraction(f, labels, np.arange(30, 90), k=10)[0:30] == 0).all()
+    assert (neighbour_poison_fraction(near, labels, np.arange(30, 90))[0:30] == 0).all()
     with pytest.raises(CGDError, match="k"):
-        neighbour_poison_fraction(f, labels, poison, k=90)
+        nearest_neighbours(f, k=90)
+    with pytest.raises(CGDError, match="features must be"):
+        nearest_neighbours(f[:, 0], k=3)
+    with pytest.raises(CGDError, match="neighbours must be"):
+        neighbour_poison_fraction(near[:50], labels, poison)
 
 
 def test_purify_keeps_the_most_trusted_share_of_each_class():
@@ -96,7 +103,7 @@ def test_purify_keeps_the_most_trusted_share_of_each_class():
     g = np.where(np.arange(90) < 25, 5.0, 0.0) + np.linspace(0, 0.1, 90)
     s = split(g, np.ones(90) + np.linspace(0, 0.1, 90), sigma1=0.2, sigma2=0.1)
     assert set(range(25, 30)) <= set(s.clean)  # the paper's split trusts the slipped-out poison
-    p = purify(s, neighbour_poison_fraction(f, labels, s.poison, k=10), labels, keep=0.5)
+    p = purify(s, neighbour_poison_fraction(nearest_neighbours(f, k=10), labels, s.poison), labels, keep=0.5)
     assert not set(range(25, 30)) & set(p.clean)
     for c in (0, 1):
         assert abs((labels[p.clean] == c).sum() - 0.5 * (labels[s.clean] == c).sum()) <= 1

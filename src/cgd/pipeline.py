@@ -17,7 +17,8 @@ from .data import ImageSet
 from .evaluate import ca_asr, clean_accuracy
 from .io import atomic_write_text, load_arrays, read_json, save_arrays, write_json
 from .refine import probe_logits
-from .split import detection_metrics, history_window, neighbour_poison_fraction, nll, purify, split
+from .split import (detection_metrics, history_window, nearest_neighbours, neighbour_poison_fraction, nll, purify,
+                    split)
 from .train import TrainConfig, TrainResult, predict_logits, train
 from .unlearn import unlearn
 
@@ -146,13 +147,12 @@ def score_and_split(labels: np.ndarray, g: np.ndarray, model_nll: np.ndarray, sc
         raise CGDError(f"unknown split.refine {scfg['refine']!r}: use 'probe' or 'none'")
     if not 0 <= keep <= 1:
         raise CGDError(f"split.purify must be 0 (off) or a share in (0, 1]; got {keep}")
-    z = model_features() if keep else None
+    near = nearest_neighbours(model_features(), scfg.get("neighbours", 20)) if keep else None
 
     def one_split(guide):
         s = split(nll(guide, labels), model_nll, scfg["sigma1"], scfg["sigma2"])
         if keep:
-            s = purify(s, neighbour_poison_fraction(z, labels, s.poison, k=scfg.get("neighbours", 20)), labels,
-                       keep)
+            s = purify(s, neighbour_poison_fraction(near, labels, s.poison), labels, keep)
         return s
 
     s = one_split(g)

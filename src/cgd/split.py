@@ -107,28 +107,34 @@ def history_window(loss_history: np.ndarray, guide_nll: np.ndarray, sigma2: floa
     return start, min(start + width - 1, len(h))
 
 
-def neighbour_poison_fraction(features: np.ndarray, labels: np.ndarray, poison: np.ndarray, k: int = 20,
-                              chunk: int = 1024) -> np.ndarray:
-    """For each sample, the share of its `k` nearest neighbours (cosine similarity of centred `features`, itself
-    excluded) that are in D_p (`poison` indices) and carry the same label. Chunked: memory O(chunk · N)."""
+def nearest_neighbours(features: np.ndarray, k: int = 20, chunk: int = 1024) -> np.ndarray:
+    """(N, k) indices of each sample's `k` nearest neighbours by cosine similarity of centred `features`, itself
+    excluded. Chunked: memory O(chunk · N). It does not depend on the split, so one search serves every round."""
     f = np.asarray(features, dtype=np.float32)
-    labels = np.asarray(labels)
-    if f.ndim != 2 or len(f) != len(labels):
-        raise CGDError(f"features must be (N, D) for N = {len(labels)} labels; got shape {f.shape}")
+    if f.ndim != 2:
+        raise CGDError(f"features must be (N, D); got shape {f.shape}")
     if not 0 < k < len(f):
         raise CGDError(f"need 0 < k < N for the neighbour score; got k={k}, N={len(f)}")
     f = f - f.mean(0)
     f /= np.linalg.norm(f, axis=1, keepdims=True) + 1e-12
-    in_p = np.zeros(len(f), bool)
-    in_p[poison] = True
-    out = np.empty(len(f), dtype=np.float64)
+    out = np.empty((len(f), k), dtype=np.int64)
     for i in range(0, len(f), chunk):
         sim = f[i:i + chunk] @ f.T
         rows = np.arange(len(sim))
         sim[rows, i + rows] = -np.inf
-        nn = np.argpartition(-sim, k, axis=1)[:, :k]
-        out[i:i + chunk] = (in_p[nn] & (labels[nn] == labels[i:i + chunk, None])).mean(1)
+        out[i:i + chunk] = np.argpartition(-sim, k, axis=1)[:, :k]
     return out
+
+
+def neighbour_poison_fraction(neighbours: np.ndarray, labels: np.ndarray, poison: np.ndarray) -> np.ndarray:
+    """For each sample, the share of its neighbours (`nearest_neighbours`) that are in D_p (`poison` indices)
+    and carry the same label."""
+    labels = np.asarray(labels)
+    if neighbours.ndim != 2 or len(neighbours) != len(labels):
+        raise CGDError(f"neighbours must be (N, k) for N = {len(labels)} labels; got shape {neighbours.shape}")
+    in_p = np.zeros(len(labels), bool)
+    in_p[poison] = True
+    return (in_p[neighbours] & (labels[neighbours] == labels[:, None])).mean(1)
 
 
 def purify(s: Split, neighbour_fraction: np.ndarray, labels: np.ndarray, keep: float = 0.5) -> Split:
