@@ -257,8 +257,9 @@ def cmd_demo(args) -> int:
     m = defend(ps.train, cfg, Path(args.out), poison_mask=ps.poison_mask, poisoned=ps, test=test,
                log=lambda s: print(s, file=sys.stderr))
     b, a, d = m["before"], m["after"], m["detection"]
-    print(f"before CGD: CA {b['ca']:.3f}  ASR {b['asr']:.3f}")
-    print(f"after  CGD: CA {a['ca']:.3f}  ASR {a['asr']:.3f}")
+    for when, r in (("before", b), ("after ", a)):
+        print(f"{when} CGD: CA {r['ca']:.3f}  ASR {r['asr']:.3f}  (untriggered images sent to the target: "
+              f"{r['clean_to_target']:.3f})")
     print(f"detection:  TPR {d['tpr']:.3f}  FPR {d['fpr']:.3f}  (poison left in D_c: {d['poison_in_clean']})")
     print(f"run directory: {args.out} (report.md, entropy_map.png); {time.perf_counter() - t0:.0f} s")
     return 0
