@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from cgd import CGDError, attacks
-from cgd.config import apply_overrides, defaults, load_config
+from cgd.config import apply_overrides, defaults, dumps_toml, explicit, load_config
 from cgd.pipeline import OUTPUTS, defend
+from cgd.unlearn import RECIPES
 
 from conftest import LabelGuide
 
@@ -107,3 +108,18 @@ def test_defend_a_given_model_without_history(tiny, poisoned, tmp_path):
                model_path=tmp_path / "m.safetensors", poison_mask=poisoned.poison_mask, log=logs.append)
     assert any("final model" in line for line in logs)
     assert "victim_train_s" not in m["timings"] and (tmp_path / "run" / "defended.safetensors").exists()
+
+
+def test_explicit_config_changes_when_a_recipe_definition_does(monkeypatch):
+    cfg = defaults()
+    before = dumps_toml(explicit(cfg))
+    assert explicit(cfg)["unlearn"]["overrides"]["lambda_un"] == RECIPES["cpu"]["lambda_un"]
+    monkeypatch.setitem(RECIPES, "cpu", {**RECIPES["cpu"], "lambda_un": 0.5})
+    assert dumps_toml(explicit(cfg)) != before  # same recipe name, new definition: not the same run
+    assert cfg["unlearn"]["overrides"] == {}  # the input is not modified
+
+
+def test_an_explicit_config_loads_back_to_the_same_run(tmp_path):
+    text = dumps_toml(explicit(defaults()))
+    (tmp_path / "c.toml").write_text(text)
+    assert dumps_toml(explicit(load_config(tmp_path / "c.toml"))) == text

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import attacks
-from .config import dumps_toml, train_config
+from .config import dumps_toml, explicit, train_config
 from .data import load_dataset
 from .evaluate import ca_asr
 from .io import write_json
@@ -66,7 +66,7 @@ def run_benchmark(attack_names: list[str], cfg: dict, root: Path, data: str = "c
         run = root / "runs" / name
         cell_cfg = dict(cfg, attack={"name": name, "target": atk.target, "rate": atk.rate, "params": atk.params()},
                         data=dict(cfg["data"], spec=data))
-        key = hashlib.sha256(dumps_toml(cell_cfg).encode()).hexdigest()[:12]
+        key = hashlib.sha256(dumps_toml(explicit(cell_cfg)).encode()).hexdigest()[:12]
         common = {"attack": name, "attack_params": atk.params(), "poisoned": int(ps.poison_mask.sum()),
                   "config_hash": key, "git_commit": _commit(), "cores": torch.get_num_threads(),
                   "command": " ".join(["cgd", *sys.argv[1:]]) if sys.argv else "", "cpu_count": os.cpu_count()}

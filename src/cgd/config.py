@@ -118,6 +118,16 @@ def unlearn_config(cfg: dict) -> UnlearnConfig:
     return UnlearnConfig(**{**RECIPES[name], "seed": cfg["seed"], **cfg["unlearn"]["overrides"]})
 
 
+def explicit(cfg: dict) -> dict:
+    """`cfg` with its unlearning recipe spelled out field by field in `unlearn.overrides`, so the config a run
+    records (and the benchmark's config hash) changes when a recipe's definition changes, not only its name."""
+    out = copy.deepcopy(cfg)
+    resolved = asdict(unlearn_config(cfg))
+    del resolved["seed"]  # the top-level seed
+    out["unlearn"]["overrides"] = resolved
+    return out
+
+
 def dumps_toml(cfg: dict) -> str:
     import tomli_w
 

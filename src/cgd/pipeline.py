@@ -12,7 +12,7 @@ import torch
 
 from . import CGDError, models
 from .attacks import PoisonedSet
-from .config import dumps_toml, train_config, unlearn_config
+from .config import dumps_toml, explicit, train_config, unlearn_config
 from .data import ImageSet
 from .evaluate import ca_asr, clean_accuracy
 from .io import atomic_write_text, load_arrays, read_json, save_arrays, write_json
@@ -184,7 +184,7 @@ def defend(train_set: ImageSet, cfg: dict, run_dir: Path, *, guide=None, model_p
         guide = guides.get(cfg["guide"]["name"], **cfg["guide"]["params"])
     if poison_mask is not None and len(poison_mask) != len(train_set):
         raise CGDError(f"poison mask has {len(poison_mask)} entries for {len(train_set)} samples")
-    cfg_text = dumps_toml(cfg)
+    cfg_text = dumps_toml(explicit(cfg))  # the recipe spelled out: a changed recipe is a new run
     if (run_dir / "metrics.json").exists() and (run_dir / "config.toml").exists() \
             and (run_dir / "config.toml").read_text() == cfg_text and all((run_dir / f).exists() for f in OUTPUTS):
         log(f"{run_dir}: finished run with this config found; nothing to do")
