@@ -58,6 +58,17 @@ def test_oversample_restores_label_distribution():
     assert set(clean) <= set(out)
 
 
+
+def test_oversample_to_a_given_prior():
+    labels = np.repeat([0, 1], [600, 400])  # poisoned labels inflate class 0
+    clean = np.concatenate([np.arange(0, 300), np.arange(600, 900)])
+    assert np.bincount(labels[oversample_clean(clean, labels, 2)]).tolist() == [360, 300]  # the label shares
+    out = oversample_clean(clean, labels, 2, prior=np.array([1.0, 3.0]))  # normalised to 0.25 / 0.75
+    assert np.bincount(labels[out]).tolist() == [300, 450]
+    for bad in (np.array([0.5]), np.array([-1.0, 2.0]), np.array([np.nan, 1.0]), np.zeros(2)):
+        with pytest.raises(CGDError, match="class prior"):
+            oversample_clean(clean, labels, 2, prior=bad)
+
 def test_empty_clean_class_is_a_clear_error():
     labels = np.repeat([0, 1, 2], 10)
     with pytest.raises(CGDError, match=r"no sample of class\(es\) \[2\]"):

@@ -71,6 +71,9 @@ def test_empty_clean_subset_and_nan_guide_are_errors(tiny, backdoored):
     bad = np.full((n, 4), np.nan, np.float32)
     with pytest.raises(CGDError, match="NaN"):
         unlearn(model, ps.train.images, ps.train.labels, _oracle_split(ps), bad, UnlearnConfig(), 4)
+    with pytest.raises(CGDError, match="unknown unlearning prior"):
+        unlearn(model, ps.train.images, ps.train.labels, _oracle_split(ps), np.zeros((n, 4), np.float32),
+                UnlearnConfig(prior="uniform"), 4)
 
 
 

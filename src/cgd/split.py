@@ -154,12 +154,19 @@ def purify(s: Split, neighbour_fraction: np.ndarray, labels: np.ndarray, keep: f
     return Split(clean, s.poison, mixed, s.guide_nll, s.model_nll, s.guide_rank, s.model_rank)
 
 
-def oversample_clean(clean_idx: np.ndarray, labels: np.ndarray, num_classes: int, seed: int = 0) -> np.ndarray:
-    """Indices of D_c with each class resampled (with replacement) up to its share of the original label
-    distribution, so relearning does not shift the class prior. Never drops samples."""
+def oversample_clean(clean_idx: np.ndarray, labels: np.ndarray, num_classes: int, seed: int = 0,
+                     prior: np.ndarray | None = None) -> np.ndarray:
+    """Indices of D_c with each class resampled (with replacement) up to its share of `prior` (default: the
+    label distribution of the whole training set, the paper's choice), so relearning does not shift the class
+    prior. Never drops samples."""
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
-    prior = np.bincount(labels, minlength=num_classes) / len(labels)
+    if prior is None:
+        prior = np.bincount(labels, minlength=num_classes) / len(labels)
+    prior = np.asarray(prior, dtype=np.float64)
+    if prior.shape != (num_classes,) or not np.isfinite(prior).all() or (prior < 0).any() or prior.sum() <= 0:
+        raise CGDError(f"the class prior must be {num_classes} non-negative finite numbers; got {prior}")
+    prior = prior / prior.sum()
     members = [clean_idx[labels[clean_idx] == c] for c in range(num_classes)]
     missing = [c for c in range(num_classes) if prior[c] > 0 and len(members[c]) == 0]
     if missing:

@@ -46,6 +46,8 @@ class UnlearnConfig:
     batch_size: int = 256  # D_c samples per step
     poison_batch: int | None = None  # D_p samples per step; None: proportional to |D_p| / |D_c|
     augment: str = "flip"
+    prior: str = "labels"  # D_c is oversampled to the class shares of "labels" (all training labels, the paper) or
+    # "guide" (the guide's mean predicted probabilities: poisoned labels do not inflate the target class)
     holdout: float = 0.05  # share of D_c held out to watch clean accuracy
     tau: float = 0.02  # stop when held-out accuracy falls more than this (plus its noise, `allowed_drop`) below
     # its starting value (with lr_decay: when the final model does; the original model is returned then)
@@ -121,7 +123,11 @@ def unlearn(model: nn.Module, images: np.ndarray, labels: np.ndarray, s: Split, 
     clean = rng.permutation(s.clean)
     n_hold = int(round(config.holdout * len(clean)))
     held, train_clean = np.sort(clean[:n_hold]), clean[n_hold:]
-    relearn = oversample_clean(train_clean, labels, num_classes, seed=config.seed)
+    if config.prior not in ("labels", "guide"):
+        raise CGDError(f"unknown unlearning prior {config.prior!r}: use 'labels' or 'guide'")
+    prior = torch.softmax(torch.from_numpy(np.asarray(guide_logits, np.float32)), 1).mean(0).numpy() \
+        if config.prior == "guide" else None
+    relearn = oversample_clean(train_clean, labels, num_classes, seed=config.seed, prior=prior)
     poison = s.poison
 
     model = copy.deepcopy(model).to(memory_format=torch.channels_last)
