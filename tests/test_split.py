@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from cgd import CGDError
-from cgd.split import (auroc, detection_metrics, history_window, nearest_neighbours, neighbour_poison_fraction, nll, oversample_clean,
-                       percentile_rank, purify, split)
+from cgd.split import (auroc, detection_metrics, history_window, nearest_neighbours, neighbour_poison_fraction, nll,
+                       oversample_clean, percentile_rank, purify, split)
 
 
 def test_percentile_rank_orders_and_averages_ties():

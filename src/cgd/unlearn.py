@@ -53,6 +53,10 @@ class UnlearnConfig:
     # its starting value (with lr_decay: when the final model does; the original model is returned then)
     seed: int = 0
 
+    def __post_init__(self):
+        if self.prior not in ("labels", "guide"):
+            raise CGDError(f"unknown unlearning prior {self.prior!r}: use 'labels' or 'guide'")
+
 
 RECIPES: dict[str, dict] = {
     "paper": {},
@@ -123,8 +127,6 @@ def unlearn(model: nn.Module, images: np.ndarray, labels: np.ndarray, s: Split, 
     clean = rng.permutation(s.clean)
     n_hold = int(round(config.holdout * len(clean)))
     held, train_clean = np.sort(clean[:n_hold]), clean[n_hold:]
-    if config.prior not in ("labels", "guide"):
-        raise CGDError(f"unknown unlearning prior {config.prior!r}: use 'labels' or 'guide'")
     prior = torch.softmax(torch.from_numpy(np.asarray(guide_logits, np.float32)), 1).mean(0).numpy() \
         if config.prior == "guide" else None
     relearn = oversample_clean(train_clean, labels, num_classes, seed=config.seed, prior=prior)
