@@ -114,7 +114,8 @@ def results_table(results: Path) -> str:
         split_s = t.get("split_s", 0) + t.get("refine_split_s", 0) if "split_s" in t else None
         aurocs = f"{d['auroc_guide']:.3f} / {d['auroc_model']:.3f}" if d else ""
         rows.append(f"| {attack} | {defense} | {f(c['ca'])} | {f(c['asr'])} | {f(c.get('clean_to_target'))} "
-                    f"| {f(d.get('tpr'), '.3f')} | {f(d.get('fpr'), '.3f')} | {d.get('poison_in_clean', '')} | {aurocs} "
+                    f"| {f(d.get('tpr'), '.3f')} | {f(d.get('fpr'), '.3f')} | {d.get('poison_in_clean', '')} "
+                    f"| {aurocs} "
                     f"| {f(t.get('victim_train_s', c.get('victim_train_s')), '.0f')} | {f(t.get('guide_s'), '.0f')} "
                     f"| {f(split_s, '.0f')} | {f(t.get('unlearn_s'), '.0f')} | {c['date']} |")
     return "\n".join(rows) + "\n"
