@@ -12,7 +12,7 @@ is an interrupted run and is rebuilt. Builds of the same key are serialised with
 
 Generate ahead of a benchmark (heavy: run it under `flock /tmp/cgd-heavy.lock`):
 
-    python -m cgd.attacks.resources --attack iab --data cifar10 --target 0 --rate 0.05 --seed 0 [--param epochs=15]
+    python -m cgd.attacks --attack iab --data cifar10 --target 0 --rate 0.05 --seed 0 [--param epochs=15]
 """
 
 from __future__ import annotations
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import get
     from ..data import load_dataset
 
-    p = argparse.ArgumentParser(prog="python -m cgd.attacks.resources",
+    p = argparse.ArgumentParser(prog="python -m cgd.attacks",
                                 description="Generate (or check) the cached resources of an attack.")
     p.add_argument("--attack", required=True)
     p.add_argument("--data", default="cifar10")
@@ -228,6 +228,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r.path}  generated={r.generated}  seconds={r.meta['generation_seconds']}")
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
