@@ -68,12 +68,13 @@ def split_table(attack: str) -> None:
 def purify_table(attack: str) -> None:
     """The cpu recipe's split with and without the neighbour purification of D_c, per probe round count."""
     ds, ps, victim, g, arch, feats, zfeats = setup(attack)
-    how = resolve_model_score(defaults()["split"]["model_score"], victim, nll(g, ps.train.labels), 0.1)
+    base = defaults()["split"]
+    how = resolve_model_score(base["model_score"], victim, nll(g, ps.train.labels), base["sigma2"])
     ms = model_scores(victim, arch, ps.train.images, ps.train.labels, how)
     rows = {}
     for rounds in (0, 2):
         for keep in (0, 0.3, 0.5, 0.7):
-            scfg = dict(defaults()["split"], refine="probe" if rounds else "none", refine_rounds=rounds, purify=keep)
+            scfg = dict(base, refine="probe" if rounds else "none", refine_rounds=rounds, purify=keep)
             s, _ = score_and_split(ps.train.labels, g, ms, scfg, 10, feats, zfeats)
             key = f"probe x{rounds} purify {keep}"
             rows[key] = detection_metrics(ps.poison_mask, s)
@@ -83,9 +84,9 @@ def purify_table(attack: str) -> None:
 
 def unlearn_variant(attack: str, base: str, overrides: dict, model_score: str, name: str) -> None:
     ds, ps, victim, g, arch, feats, zfeats = setup(attack)
-    how = resolve_model_score(model_score, victim, nll(g, ps.train.labels), 0.1)
-    ms = model_scores(victim, arch, ps.train.images, ps.train.labels, how)
     scfg = defaults()["split"]  # the cpu split: probe ×2, purified D_c
+    how = resolve_model_score(model_score, victim, nll(g, ps.train.labels), scfg["sigma2"])
+    ms = model_scores(victim, arch, ps.train.images, ps.train.labels, how)
     s, g = score_and_split(ps.train.labels, g, ms, scfg, 10, feats, zfeats)
     res = unlearn(victim.model, ps.train.images, ps.train.labels, s, g, recipe(base, **overrides), 10,
                   extra_eval=train_asr_probe(ps))

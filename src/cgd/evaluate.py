@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from torch import nn
 
 from .attacks import PoisonedSet
@@ -19,15 +20,21 @@ def attack_success_rate(model: nn.Module, poisoned: PoisonedSet, test: ImageSet)
     return accuracy(model, trig.images, trig.labels)
 
 
+def target_share(predicted: np.ndarray, labels: np.ndarray, target: int) -> float:
+    """Share of the non-target samples (by `labels`) whose `predicted` class is the target."""
+    keep = np.asarray(labels) != target
+    return float((np.asarray(predicted)[keep] == target).mean()) if keep.any() else float("nan")
+
+
 def clean_to_target_rate(model: nn.Module, test: ImageSet, target: int) -> float:
     """Share of *untriggered* non-target test images classified as the target: what ASR measures for a model
     that ignores the trigger but still confuses some images with the target class. A defended model whose ASR
     is at this rate has no trigger left to remove; pushing ASR below it means biasing the model against the target."""
-    keep = test.labels != target
-    return float((predict_logits(model, test.images[keep]).argmax(1) == target).mean()) if keep.any() \
-        else float("nan")
+    return target_share(predict_logits(model, test.images).argmax(1), test.labels, target)
 
 
 def ca_asr(model: nn.Module, poisoned: PoisonedSet, test: ImageSet) -> dict[str, float]:
-    return {"ca": clean_accuracy(model, test), "asr": attack_success_rate(model, poisoned, test),
-            "clean_to_target": clean_to_target_rate(model, test, poisoned.target)}
+    """CA, ASR and clean→target; one pass over the clean test images serves CA and clean→target."""
+    predicted = predict_logits(model, test.images).argmax(1)
+    return {"ca": float((predicted == test.labels).mean()), "asr": attack_success_rate(model, poisoned, test),
+            "clean_to_target": target_share(predicted, test.labels, poisoned.target)}
