@@ -112,3 +112,21 @@ def test_min_steps_adds_passes_over_a_small_clean_set(tiny, backdoored):
     steps = -(-round(len(s.clean) * 0.95) // 256)  # passes over D_c minus the held-out slice, batch 256
     res = unlearn(model, ps.train.images, ps.train.labels, s, guide, UnlearnConfig(epochs=1, min_steps=3 * steps), 4)
     assert len(res.history) == 1 + 3
+
+
+def test_freeze_bn_keeps_the_victims_batch_norm_statistics(tiny, backdoored):
+    ps, model = backdoored
+    s = _oracle_split(ps)
+    guide = np.zeros((len(ps.poison_mask), 4), np.float32)
+
+    def stats(m):
+        return [t.clone() for k, t in m.state_dict().items() if k.endswith(("running_mean", "running_var"))]
+
+    before = stats(model)
+    assert before
+    frozen = unlearn(model, ps.train.images, ps.train.labels, s, guide, UnlearnConfig(epochs=1, freeze_bn=True), 4)
+    moved = unlearn(model, ps.train.images, ps.train.labels, s, guide, UnlearnConfig(epochs=1), 4)
+    assert all(torch.equal(a, b) for a, b in zip(before, stats(frozen.model)))
+    assert not all(torch.equal(a, b) for a, b in zip(before, stats(moved.model)))
+    with pytest.raises(CGDError, match="label_smoothing"):
+        UnlearnConfig(label_smoothing=1.0)

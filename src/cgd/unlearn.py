@@ -46,6 +46,8 @@ class UnlearnConfig:
     batch_size: int = 256  # D_c samples per step
     poison_batch: int | None = None  # D_p samples per step; None: proportional to |D_p| / |D_c|
     augment: str = "flip"
+    label_smoothing: float = 0.0  # on L_re; the victim recipe trains with 0.2
+    freeze_bn: bool = False  # keep the victim's batch-norm statistics instead of re-estimating them on D_c + D_p
     prior: str = "labels"  # D_c is oversampled to the class shares of "labels" (all training labels, the paper) or
     # "guide" (the guide's mean predicted probabilities: poisoned labels do not inflate the target class)
     holdout: float = 0.05  # share of D_c held out to watch clean accuracy
@@ -54,6 +56,8 @@ class UnlearnConfig:
     seed: int = 0
 
     def __post_init__(self):
+        if not 0 <= self.label_smoothing < 1:
+            raise CGDError(f"label_smoothing must be in [0, 1); got {self.label_smoothing}")
         if self.prior not in ("labels", "guide"):
             raise CGDError(f"unknown unlearning prior {self.prior!r}: use 'labels' or 'guide'")
 
@@ -151,6 +155,10 @@ def unlearn(model: nn.Module, images: np.ndarray, labels: np.ndarray, s: Split, 
     best, stopped, done_steps = copy.deepcopy(model.state_dict()), False, 0
     for epoch in range(1, epochs + 1):
         model.train()
+        if config.freeze_bn:
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         order = rng.permutation(relearn)
         p_order = rng.permutation(poison) if len(poison) else poison
         sums = {"re": 0.0, "un": 0.0, "distill": 0.0}
@@ -168,7 +176,7 @@ def unlearn(model: nn.Module, images: np.ndarray, labels: np.ndarray, s: Split, 
             else:
                 lc = model(x)
                 l_un = l_di = torch.zeros(())
-            l_re = F.cross_entropy(lc, y_all[ic])
+            l_re = F.cross_entropy(lc, y_all[ic], label_smoothing=config.label_smoothing)
             loss = l_re + config.lambda_un * l_un + config.lambda_distill * l_di
             for group in opt.param_groups:
                 group["lr"] = step_lr(config, done_steps, total)
