@@ -1,0 +1,27 @@
+import functools
+import json
+
+from conftest import LabelGuide
+from test_pipeline import tiny_cfg
+
+from cgd import bench, pipeline
+from cgd.data import save_npz
+from cgd.unlearn import RECIPES
+
+
+def test_bench_cells_resume_and_a_changed_recipe_is_a_new_cell(tiny, tmp_path, monkeypatch):
+    save_npz(tiny, tmp_path / "tiny.npz")
+    monkeypatch.setattr(bench, "defend", functools.partial(pipeline.defend, guide=LabelGuide(tiny.train.labels)))
+    root, data = tmp_path / "bench", str(tmp_path / "tiny.npz")
+    quiet = dict(data=data, log=lambda s: None)
+    written = bench.run_benchmark(["badnets"], tiny_cfg(), root, **quiet)
+    assert sorted(p.name.split("-", 3)[3] for p in written) == ["badnets-cgd-cpu.json", "badnets-none.json"]
+    cell = json.loads(next(p for p in written if "cgd" in p.name).read_text())
+    assert cell["unlearn_config"]["label_smoothing"] == RECIPES["cpu"]["label_smoothing"]
+    assert cell["before"]["asr"] > cell["asr"] and 0 <= cell["clean_to_target"] <= 1
+    assert bench.run_benchmark(["badnets"], tiny_cfg(), root, **quiet) == []  # finished cells are not recomputed
+    assert "| badnets | cgd-cpu |" in bench.results_table(root / "results")
+    # the same recipe name with a different definition must not reuse the old cell
+    again = bench.run_benchmark(["badnets"], tiny_cfg(**{"unlearn.overrides.label_smoothing": 0.0}), root, **quiet)
+    assert len(again) == 2
+    assert json.loads(again[1].read_text())["unlearn_config"]["label_smoothing"] == 0.0
