@@ -69,7 +69,8 @@ def run_benchmark(attack_names: list[str], cfg: dict, root: Path, data: str = "c
         spelled = explicit(cell_cfg)
         key = hashlib.sha256(dumps_toml(spelled).encode()).hexdigest()[:12]
         common = {"attack": name, "attack_params": atk.params(), "poisoned": int(ps.poison_mask.sum()),
-                  "config_hash": key, "unlearn_config": spelled["unlearn"]["overrides"], "git_commit": _commit(), "cores": torch.get_num_threads(),
+                  "config_hash": key, "unlearn_config": spelled["unlearn"]["overrides"], "git_commit": _commit(),
+                  "cores": torch.get_num_threads(),
                   "command": " ".join(["cgd", *sys.argv[1:]]) if sys.argv else "", "cpu_count": os.cpu_count()}
         today = _dt.date.today().isoformat()
 
