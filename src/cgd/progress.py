@@ -1,13 +1,43 @@
-"""Progress bars on long work (tqdm on a terminal; quiet when CGD_QUIET=1 or output is not a tty)."""
+"""Progress on long work: a tqdm bar on a terminal; elsewhere (a log file under `nohup`, CI) one plain line to
+stderr at most every `LOG_EVERY_S` seconds, so a background run shows where it is. `CGD_QUIET=1` silences both."""
 
 from __future__ import annotations
 
 import os
 import sys
+import time
+
+LOG_EVERY_S = 60.0
+
+
+def _log_lines(iterable, desc: str | None, total: int | None):
+    """Yield from `iterable`, writing 'desc: done/total (p %), elapsed' every LOG_EVERY_S seconds and once at
+    the end when the loop was long enough to have logged at all."""
+    start = last = time.monotonic()
+    done = 0
+    for item in iterable:
+        yield item
+        done += 1
+        now = time.monotonic()
+        if now - last >= LOG_EVERY_S:
+            last = now
+            _write(desc, done, total, now - start)
+    if last != start:
+        _write(desc, done, total, time.monotonic() - start)
+
+
+def _write(desc: str | None, done: int, total: int | None, elapsed: float) -> None:
+    of = f"/{total} ({100 * done / total:.0f} %)" if total else ""
+    print(f"{desc or 'progress'}: {done}{of}, {elapsed:.0f} s", file=sys.stderr, flush=True)
 
 
 def progress(iterable, desc: str | None = None, total: int | None = None):
+    if os.environ.get("CGD_QUIET") == "1":
+        return iterable
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)
+    if not sys.stderr.isatty():
+        return _log_lines(iterable, desc, total)
     from tqdm.auto import tqdm
 
-    quiet = os.environ.get("CGD_QUIET") == "1" or not sys.stderr.isatty()
-    return tqdm(iterable, desc=desc, total=total, disable=quiet, leave=False, dynamic_ncols=True)
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)

@@ -1,0 +1,20 @@
+from cgd import progress as progress_mod
+from cgd.progress import progress
+
+
+def test_log_lines_when_not_a_terminal(monkeypatch, capsys):
+    monkeypatch.delenv("CGD_QUIET", raising=False)
+    monkeypatch.setattr(progress_mod, "LOG_EVERY_S", 0.0)
+    assert list(progress(range(4), desc="unlearn epoch 1/1")) == [0, 1, 2, 3]
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("unlearn epoch 1/1: 1/4 (25 %), ")
+    assert lines[-1].startswith("unlearn epoch 1/1: 4/4 (100 %), ")
+
+
+def test_short_loops_and_quiet_mode_print_nothing(monkeypatch, capsys):
+    monkeypatch.delenv("CGD_QUIET", raising=False)
+    assert list(progress(iter([7, 8]), desc="fast")) == [7, 8]  # under a minute: no line
+    monkeypatch.setenv("CGD_QUIET", "1")
+    monkeypatch.setattr(progress_mod, "LOG_EVERY_S", 0.0)
+    assert list(progress(range(3), desc="quiet")) == [0, 1, 2]
+    assert capsys.readouterr().err == ""
