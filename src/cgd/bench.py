@@ -10,6 +10,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,11 @@ def _commit() -> str:
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def _cpu() -> str:
+    """The CPU model and PyTorch's vector ISA: victims trained on different kernels differ in their last digits."""
+    return f"{platform.machine()} / {torch.backends.cpu.get_cpu_capability()}"
 
 
 def _find(results: Path, attack: str, defense: str, key: str) -> Path | None:
@@ -71,7 +77,7 @@ def run_benchmark(attack_names: list[str], cfg: dict, root: Path, data: str = "c
         common = {"attack": name, "attack_params": atk.params(), "poisoned": int(ps.poison_mask.sum()),
                   "config_hash": key, "unlearn_config": spelled["unlearn"]["overrides"], "git_commit": _commit(),
                   "cores": torch.get_num_threads(),
-                  "command": " ".join(["cgd", *sys.argv[1:]]) if sys.argv else "", "cpu_count": os.cpu_count()}
+                  "command": " ".join(["cgd", *sys.argv[1:]]) if sys.argv else "", "cpu_count": os.cpu_count(), "cpu": _cpu()}
         today = _dt.date.today().isoformat()
 
         victim = train_victim(ps.train.images, ps.train.labels, ds.train.num_classes, train_config(cfg),
