@@ -20,6 +20,7 @@ def test_bench_cells_resume_and_a_changed_recipe_is_a_new_cell(tiny, tmp_path, m
     assert sorted(p.name.split("-", 3)[3] for p in written) == ["badnets-cgd-cpu.json", "badnets-none.json"]
     cell = json.loads(next(p for p in written if "cgd" in p.name).read_text())
     assert cell["unlearn_config"]["label_smoothing"] == RECIPES["cpu"]["label_smoothing"]
+    assert cell["model_score"].startswith("history:") and cell["model_score"] != "history:auto"  # the window used
     assert cell["cpu"].endswith("/ " + torch.backends.cpu.get_cpu_capability())  # victims differ across ISAs
     assert cell["before"]["asr"] > cell["asr"] and 0 <= cell["clean_to_target"] <= 1
     assert bench.run_benchmark(["badnets"], tiny_cfg(), root, **quiet) == []  # finished cells are not recomputed

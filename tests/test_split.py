@@ -137,3 +137,16 @@ def test_history_window_finds_the_epoch_the_shortcut_is_learned():
     assert history_window(h, guide, sigma2=0.1) == (8, 8)  # clipped at the last epoch
     with pytest.raises(CGDError):
         history_window(h[:, :10], guide)
+
+
+def test_history_window_starts_early_when_the_guide_is_blind_to_the_fast_learned_samples():
+    rng = np.random.default_rng(1)
+    n = 1000
+    guide = np.where(np.arange(n) < 100, 5.0, 0.0) + rng.random(n)  # flags samples 0..99
+    h = rng.random((12, n)) + 1.0
+    h[:, :100] += 1.0  # the flagged samples are learned slowly in every epoch (hard, not poisoned)...
+    h[1:, 500:600] = 0.01  # ...while others, unflagged, are learned at once from epoch 2 on
+    h[11, :5] = 0.001  # at the end a few flagged ones are among the fastest 10 %, fewer than chance would put there
+    assert history_window(h, guide, sigma2=0.1) == (2, 4)
+    h[11, :30] = 0.001  # 30 % of them: more than chance, so that epoch is taken
+    assert history_window(h, guide, sigma2=0.1) == (12, 12)

@@ -96,6 +96,7 @@ def run_benchmark(attack_names: list[str], cfg: dict, root: Path, data: str = "c
                        extra_eval=train_asr_probe(ps), victim=victim, log=log)
             cell = {**common, "defense": defense, **m["after"], "before": m["before"], "detection": m["detection"],
                     "timings": {**m["timings"], "victim_train_s": victim.seconds}, "sizes": m["sizes"],
+                    "model_score": m["model_score"],
                     "unlearn_history": m["unlearn_history"], "date": today}
             write_json(results / f"{today}-{name}-{defense}.json", cell)
             written.append(results / f"{today}-{name}-{defense}.json")

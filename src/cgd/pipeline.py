@@ -239,8 +239,8 @@ def defend(train_set: ImageSet, cfg: dict, run_dir: Path, *, guide=None, model_p
 
     res = unlearn(victim.model, train_set.images, labels, s, g, ucfg, k, extra_eval=extra_eval)
     timings["unlearn_s"] = res.seconds
-    metrics = {"sizes": s.sizes(), "detection": det, "timings": timings, "unlearn_history": res.history,
-               "stopped_early": res.stopped_early}
+    metrics = {"sizes": s.sizes(), "model_score": how, "detection": det, "timings": timings,
+               "unlearn_history": res.history, "stopped_early": res.stopped_early}
     if poisoned is not None and test is not None:
         metrics["before"] = ca_asr(victim.model, poisoned, test)
         metrics["after"] = ca_asr(res.model, poisoned, test)
@@ -273,6 +273,6 @@ def run_report(name: str, cfg: dict, m: dict) -> str:
     last = m["unlearn_history"][-1]
     notes = [f"unlearning recipe `{cfg['unlearn']['recipe']}`, {last['epoch']} epoch(s)"
              + (" (stopped early: held-out clean accuracy fell)" if m["stopped_early"] else ""),
-             f"model score: `{cfg['split']['model_score']}`, guide: `{cfg['guide']['name']}`",
+             f"model score: `{cfg['split']['model_score']}` (`{m['model_score']}`), guide: `{cfg['guide']['name']}`",
              "entropy map: ![entropy map](entropy_map.png)"]
     return markdown_report(f"CGD run {name}", sections, notes)

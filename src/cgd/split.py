@@ -95,7 +95,12 @@ def history_window(loss_history: np.ndarray, guide_nll: np.ndarray, sigma2: floa
     """The epochs (1-based, inclusive) whose mean training loss makes the model score: the `width` epochs from the
     one, at or after `first`, where most guide-suspicious samples (guide rank > 1 − σ2) are among the lowest-loss
     σ2 of all samples — the epoch a shortcut has been learned but the clean data not yet fitted. Epoch 1 is skipped:
-    inside the warm-up, loss ranks follow image statistics more than anything learned."""
+    inside the warm-up, loss ranks follow image statistics more than anything learned.
+
+    When in no epoch the suspicious samples are among the fastest-learned more often than a random sample (share
+    ≤ σ2), the guide does not see the poison (a clean-label attack on real images of the target class), and its
+    epoch would be arbitrary — usually the last, where everything is fitted. The window then starts at `first`:
+    a trigger is a shortcut, learned before the clean data."""
     h = np.asarray(loss_history)
     if h.ndim != 2 or h.shape[1] != len(guide_nll) or len(h) == 0:
         raise CGDError(f"loss history must be (epochs, N) with N = {len(guide_nll)}; got shape {h.shape}")
@@ -103,7 +108,7 @@ def history_window(loss_history: np.ndarray, guide_nll: np.ndarray, sigma2: floa
     first = min(first, len(h))
     share = [(percentile_rank(h[e])[suspicious] < sigma2).mean() if suspicious.any() else 0.0
              for e in range(first - 1, len(h))]
-    start = first + int(np.argmax(share))
+    start = first + int(np.argmax(share)) if max(share) > sigma2 else first
     return start, min(start + width - 1, len(h))
 
 
