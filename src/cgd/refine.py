@@ -17,21 +17,23 @@ from . import CGDError
 
 def fit_linear_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, l2: float = 1e-3,
                      iters: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weights (D, C) and bias (C,) of an L2-regularised softmax regression, by full-batch L-BFGS."""
+    """Weights (D, C) and bias (C,) of an L2-regularised softmax regression, by full-batch L-BFGS. The weights are
+    optimised as (C, D) through `F.linear`: its weight gradient is grad_outputᵀ·x, about four times faster on CPU
+    than the xᵀ·grad_output that `x @ w` backpropagates through."""
     x = torch.from_numpy(np.asarray(features, dtype=np.float32))
     y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-    w = torch.zeros(x.shape[1], num_classes, requires_grad=True)
+    w = torch.zeros(num_classes, x.shape[1], requires_grad=True)
     b = torch.zeros(num_classes, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=iters, history_size=20, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(x @ w + b, y) + l2 * (w * w).sum()
+        loss = F.cross_entropy(F.linear(x, w, b), y) + l2 * (w * w).sum()
         loss.backward()
         return loss
 
     opt.step(closure)
-    return w.detach(), b.detach()
+    return w.detach().T, b.detach()
 
 
 def standardise(features: np.ndarray) -> np.ndarray:
@@ -57,7 +59,7 @@ def probe_logits(features: np.ndarray, labels: np.ndarray, trusted: np.ndarray, 
         fit = trusted[fold_of != k]
         w, b = fit_linear_probe(x[fit], labels[fit], num_classes, l2=l2)
         with torch.no_grad():
-            logp = F.log_softmax(xt @ w + b, dim=1).numpy()
+            logp = F.log_softmax(F.linear(xt, w.T, b), dim=1).numpy()
         held = trusted[fold_of == k]
         out[held] = logp[held]
         out[untrusted] += logp[untrusted] / folds
