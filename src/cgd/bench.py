@@ -36,7 +36,8 @@ def _commit() -> str:
 
 
 def _cpu() -> str:
-    """The CPU model and PyTorch's vector ISA: victims trained on different kernels differ in their last digits."""
+    """The machine and PyTorch's vector ISA (e.g. "x86_64 / AVX512"): the same victim recipe trained on other
+    kernels differs in its last digits."""
     return f"{platform.machine()} / {torch.backends.cpu.get_cpu_capability()}"
 
 
@@ -77,7 +78,8 @@ def run_benchmark(attack_names: list[str], cfg: dict, root: Path, data: str = "c
         common = {"attack": name, "attack_params": atk.params(), "poisoned": int(ps.poison_mask.sum()),
                   "config_hash": key, "unlearn_config": spelled["unlearn"]["overrides"], "git_commit": _commit(),
                   "cores": torch.get_num_threads(),
-                  "command": " ".join(["cgd", *sys.argv[1:]]) if sys.argv else "", "cpu_count": os.cpu_count(), "cpu": _cpu()}
+                  "command": " ".join(["cgd", *sys.argv[1:]]) if sys.argv else "", "cpu_count": os.cpu_count(),
+                  "cpu": _cpu()}
         today = _dt.date.today().isoformat()
 
         victim = train_victim(ps.train.images, ps.train.labels, ds.train.num_classes, train_config(cfg),
