@@ -14,15 +14,15 @@ def _log_lines(iterable, desc: str | None, total: int | None):
     """Yield from `iterable`, writing 'desc: done/total (p %), elapsed' every LOG_EVERY_S seconds and once at
     the end when the loop was long enough to have logged at all."""
     start = last = time.monotonic()
-    done = 0
+    done, logged = 0, False
     for item in iterable:
         yield item
         done += 1
         now = time.monotonic()
         if now - last >= LOG_EVERY_S:
-            last = now
+            last, logged = now, True
             _write(desc, done, total, now - start)
-    if last != start:
+    if logged:
         _write(desc, done, total, time.monotonic() - start)
 
 

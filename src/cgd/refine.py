@@ -59,7 +59,7 @@ def probe_logits(features: np.ndarray, labels: np.ndarray, trusted: np.ndarray, 
         fit = trusted[fold_of != k]
         w, b = fit_linear_probe(x[fit], labels[fit], num_classes, l2=l2)
         with torch.no_grad():
-            logp = F.log_softmax(F.linear(xt, w.T, b), dim=1).numpy()
+            logp = F.log_softmax(xt @ w + b, dim=1).numpy()
         held = trusted[fold_of == k]
         out[held] = logp[held]
         out[untrusted] += logp[untrusted] / folds
