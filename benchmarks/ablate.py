@@ -6,6 +6,7 @@ never used to choose.
 
     python benchmarks/ablate.py split --attack badnets
     python benchmarks/ablate.py purify --attack sig
+    python benchmarks/ablate.py window --attack ctrl
     python benchmarks/ablate.py unlearn --attack badnets --recipe cpu --name lam05 '{"lambda_un": 0.5}'
 """
 
@@ -24,7 +25,7 @@ from cgd.evaluate import ca_asr
 from cgd.io import write_json
 from cgd.pipeline import (guide_features, guide_logits, model_features, model_scores, resolve_model_score,
                           score_and_split, train_victim)
-from cgd.split import detection_metrics, nll
+from cgd.split import auroc, detection_metrics, nll, percentile_rank
 from cgd.unlearn import recipe, unlearn
 
 ROOT = Path(__file__).resolve().parent
@@ -82,6 +83,23 @@ def purify_table(attack: str) -> None:
     write_json(ROOT / "results" / "ablation" / f"{attack}-purify.json", rows)
 
 
+def window_table(attack: str) -> None:
+    """Per epoch of the victim's loss history: AUROC of "low loss => poison" over all samples and within the target
+    class, and the share of guide-suspicious samples (guide rank > 1 - sigma2) among the fastest-learned sigma2,
+    the quantity `history:auto` maximises (chance = sigma2)."""
+    ds, ps, victim, g, *_ = setup(attack)
+    s2 = defaults()["split"]["sigma2"]
+    suspicious = percentile_rank(nll(g, ps.train.labels)) > 1 - s2
+    target = ps.train.labels == ps.target
+    rows = []
+    for e, loss in enumerate(victim.loss_history, start=1):
+        rows.append({"epoch": e, "auroc_all": auroc(-loss, ps.poison_mask),
+                     "auroc_target_class": auroc(-loss[target], ps.poison_mask[target]),
+                     "suspicious_share": float((percentile_rank(loss)[suspicious] < s2).mean())})
+        print({k: round(v, 3) for k, v in rows[-1].items()}, flush=True)
+    write_json(ROOT / "results" / "ablation" / f"{attack}-window.json", rows)
+
+
 def unlearn_variant(attack: str, base: str, overrides: dict, model_score: str, name: str) -> None:
     ds, ps, victim, g, arch, feats, zfeats = setup(attack)
     scfg = defaults()["split"]  # the cpu split: probe ×2, purified D_c
@@ -101,7 +119,7 @@ def unlearn_variant(attack: str, base: str, overrides: dict, model_score: str, n
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["split", "purify", "unlearn"])
+    p.add_argument("what", choices=["split", "purify", "window", "unlearn"])
     p.add_argument("--attack", default="badnets")
     p.add_argument("--recipe", default="cpu")
     p.add_argument("--model-score", default=defaults()["split"]["model_score"])
@@ -112,6 +130,8 @@ def main():
         split_table(a.attack)
     elif a.what == "purify":
         purify_table(a.attack)
+    elif a.what == "window":
+        window_table(a.attack)
     else:
         unlearn_variant(a.attack, a.recipe, json.loads(a.overrides), a.model_score, a.name or a.recipe)
 
