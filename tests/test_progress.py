@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 from cgd import progress as progress_mod
 from cgd.progress import progress
 
@@ -9,6 +11,7 @@ def test_log_lines_when_not_a_terminal(monkeypatch, capsys):
     lines = capsys.readouterr().err.splitlines()
     assert lines[0].startswith("unlearn epoch 1/1: 1/4 (25 %), ")
     assert lines[-1].startswith("unlearn epoch 1/1: 4/4 (100 %), ")
+    assert len(lines) == 4  # one line per item here, and the last one is not repeated at the end
 
 
 def test_short_loops_and_quiet_mode_print_nothing(monkeypatch, capsys):
@@ -18,3 +21,12 @@ def test_short_loops_and_quiet_mode_print_nothing(monkeypatch, capsys):
     monkeypatch.setattr(progress_mod, "LOG_EVERY_S", 0.0)
     assert list(progress(range(3), desc="quiet")) == [0, 1, 2]
     assert capsys.readouterr().err == ""
+
+
+def test_the_end_is_logged_when_the_last_line_was_earlier(monkeypatch, capsys):
+    monkeypatch.delenv("CGD_QUIET", raising=False)
+    clock = iter([0.0, 70.0, 71.0, 72.0, 73.0])  # start, then one reading per item, then the end
+    monkeypatch.setattr(progress_mod, "time", SimpleNamespace(monotonic=lambda: next(clock)))
+    assert list(progress(range(3), desc="guide")) == [0, 1, 2]
+    lines = capsys.readouterr().err.splitlines()
+    assert [ln.split(",")[0] for ln in lines] == ["guide: 1/3 (33 %)", "guide: 3/3 (100 %)"]

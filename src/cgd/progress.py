@@ -11,18 +11,18 @@ LOG_EVERY_S = 60.0
 
 
 def _log_lines(iterable, desc: str | None, total: int | None):
-    """Yield from `iterable`, writing 'desc: done/total (p %), elapsed' every LOG_EVERY_S seconds and once at
-    the end when the loop was long enough to have logged at all."""
+    """Yield from `iterable`, writing 'desc: done/total (p %), elapsed' every LOG_EVERY_S seconds, and at the
+    end when the loop was long enough to have logged at all and the last line did not already say it."""
     start = last = time.monotonic()
-    done, logged = 0, False
+    done = logged_at = 0
     for item in iterable:
         yield item
         done += 1
         now = time.monotonic()
         if now - last >= LOG_EVERY_S:
-            last, logged = now, True
+            last, logged_at = now, done
             _write(desc, done, total, now - start)
-    if logged:
+    if 0 < logged_at < done:
         _write(desc, done, total, time.monotonic() - start)
 
 
