@@ -11,30 +11,28 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from cgd.pipeline import OUTPUTS
+
 PEAK_RSS_LIMIT = 2 << 30  # what a refusal may cost at most
 ADDRESS_SPACE_LIMIT = 6 << 30  # a safety net: an unbounded allocation fails instead of taking the machine down
-OUTPUTS = ("config.toml", "scores.csv", "split.json", "entropy_map.png", "defended.safetensors",
-           "defended.safetensors.json", "metrics.json", "report.md")
 
 
 @dataclass
 class Sandbox:
-    """`root/work` is the current folder, `root/home` the home folder, `root/cache` $CGD_CACHE; anything the
-    command writes must land in the cache or in a run folder the test names."""
+    """`root/work` is the current folder (and $CGD_DATA), `root/home` the home folder, `cache` $CGD_CACHE;
+    anything the command writes must land in the cache or in a run folder the test names."""
 
     root: Path
+    cache: Path | None = None  # a cache shared by several sandboxes (a warm guide), else root/cache
 
     def __post_init__(self):
-        for d in ("work", "home", "cache", "outside"):
-            (self.root / d).mkdir(parents=True, exist_ok=True)
+        self.cache = Path(self.cache or self.root / "cache")
+        for d in (self.work, self.root / "home", self.cache):
+            d.mkdir(parents=True, exist_ok=True)
 
     @property
     def work(self) -> Path:
         return self.root / "work"
-
-    @property
-    def cache(self) -> Path:
-        return self.root / "cache"
 
     def files(self) -> set[Path]:
         return {p for p in self.root.rglob("*") if p.is_file() or p.is_symlink()}

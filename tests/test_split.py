@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from cgd import CGDError
-from cgd.split import (auroc, detection_metrics, history_window, nearest_neighbours, neighbour_poison_fraction, nll,
-                       oversample_clean, percentile_rank, purify, split)
+from cgd.split import (Split, auroc, detection_metrics, fill_clean_classes, history_window, nearest_neighbours,
+                       neighbour_poison_fraction, nll, oversample_clean, percentile_rank, purify, split)
 
 
 def test_percentile_rank_orders_and_averages_ties():
@@ -150,3 +150,19 @@ def test_history_window_starts_early_when_the_guide_is_blind_to_the_fast_learned
     assert history_window(h, guide, sigma2=0.1) == (2, 4)
     h[11, :30] = 0.001  # 30 % of them: more than chance, so that epoch is taken
     assert history_window(h, guide, sigma2=0.1) == (12, 12)
+
+
+def test_fill_clean_classes_tops_up_from_the_most_trusted_mixed_samples():
+    labels = np.array([0, 0, 0, 1, 1, 1, 1, 2, 2, 2])
+    guide = np.array([.1, .2, .3, .9, .5, .8, .7, .4, .6, .95])
+    model = np.array([.5, .6, .7, .5, .5, .5, .9, .5, .5, .5])
+    s = Split(clean=np.array([0, 1, 2, 7]), poison=np.array([9]), mixed=np.array([3, 4, 5, 6, 8]),
+              guide_nll=guide, model_nll=model, guide_rank=guide, model_rank=model)
+    out = fill_clean_classes(s, labels, 3, minimum=2)
+    # class 1 had none: its two most trusted mixed samples (lowest guide rank + 1 - model rank) are 6 and 4
+    assert list(out.clean) == [0, 1, 2, 4, 6, 7, 8] and list(out.mixed) == [3, 5] and list(out.poison) == [9]
+    assert fill_clean_classes(s, labels, 3, minimum=1).clean.tolist() == [0, 1, 2, 6, 7]
+    assert fill_clean_classes(out, labels, 3, minimum=2) is out  # nothing short: nothing moves
+    all_poison = Split(s.clean, np.array([3, 4, 5, 6]), np.array([8, 9]), guide, model, guide, model)
+    with pytest.raises(CGDError, match=r"class\(es\) \[1\] have no training sample outside"):
+        fill_clean_classes(all_poison, labels, 3, minimum=2)

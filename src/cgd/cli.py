@@ -145,6 +145,7 @@ def _attack_params(items: list[str]) -> dict:
 def cmd_attack(args) -> int:
     from . import attacks
     from .data import Dataset, load_dataset, save_npz
+    from .io import prepare_dir, staged_outputs
 
     if args.list:
         for name in attacks.ATTACKS.names():
@@ -158,13 +159,17 @@ def cmd_attack(args) -> int:
     if args.rate is not None:
         params["rate"] = args.rate
     atk = attacks.get(args.attack, **params)
+    out = Path(args.out)
+    if out.is_dir():
+        raise CGDError(f"--out {out} is a folder; give the .npz file to write")
+    prepare_dir(out.parent)
+    asr_path = out.with_name(out.name.removesuffix(".npz") + "-asr.npz")
     ds = load_dataset(args.data)
     ps = atk.poison(ds.train)
-    out = Path(args.out)
-    save_npz(Dataset(ps.train, ds.test), out, poison_mask=ps.poison_mask)
     trig = ps.triggered_test(ds.test)
-    asr_path = out.with_name(out.name.removesuffix(".npz") + "-asr.npz")
-    save_npz(Dataset(trig.subset(np.arange(0)), trig), asr_path)
+    with staged_outputs(out.parent) as stage:  # both files or neither
+        save_npz(Dataset(ps.train, ds.test), stage / out.name, poison_mask=ps.poison_mask)
+        save_npz(Dataset(trig.subset(np.arange(0)), trig), stage / asr_path.name)
     print(f"{args.attack}: poisoned {int(ps.poison_mask.sum())} of {len(ps.train)} training images "
           f"(target {atk.target}) -> {out}; triggered test set ({len(trig)} images) -> {asr_path}")
     return 0
@@ -183,9 +188,11 @@ def cmd_train(args) -> int:
     from .config import train_config
     from .data import load_dataset
     from .evaluate import clean_accuracy
+    from .io import prepare_dir
     from .pipeline import train_victim
 
     cfg = _load_cfg(args)
+    prepare_dir(Path(args.out))
     ds = load_dataset(args.data)
     res = train_victim(ds.train.images, ds.train.labels, ds.train.num_classes, train_config(cfg), Path(args.out),
                        cfg["victim"]["arch"], cfg["victim"]["arch_params"])
@@ -196,6 +203,7 @@ def cmd_train(args) -> int:
 
 def cmd_defend(args) -> int:
     from .data import load_dataset
+    from .io import dumps_json
     from .pipeline import defend
 
     cfg = _load_cfg(args)
@@ -203,7 +211,7 @@ def cmd_defend(args) -> int:
     ds = load_dataset(args.data)
     m = defend(ds.train, cfg, Path(args.out), model_path=args.model, snapshot_path=args.snapshot,
                poison_mask=_npz_mask(args.data), test=ds.test, log=lambda s: print(s, file=sys.stderr))
-    print(json.dumps({k: m[k] for k in ("sizes", "detection", "before", "after", "timings") if k in m}, indent=2))
+    print(dumps_json({k: m[k] for k in ("sizes", "detection", "before", "after", "timings") if k in m}, indent=2))
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
 
@@ -291,6 +299,13 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except CGDError as e:
         print(f"cgd {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # the disk or the system said no (full, read-only, ...): one line, no traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"cgd {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print(f"cgd {args.command}: error: out of memory", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)

@@ -19,7 +19,7 @@ def defaults() -> dict:
         "attack": {"name": "badnets", "target": 0, "rate": 0.05, "params": {}},
         "victim": {"arch": "fastnet", "arch_params": {}, **asdict(TrainConfig())},
         "guide": {"name": "imagenet-text", "params": {}},
-        "split": {"sigma1": 0.2, "sigma2": 0.1, **SPLIT_RECIPES["cpu"]},
+        "split": {"sigma1": 0.2, "sigma2": 0.1, "min_clean_per_class": 5, **SPLIT_RECIPES["cpu"]},
         "unlearn": {"recipe": "cpu", "overrides": {}},
     }
 
@@ -105,6 +105,38 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
 def train_config(cfg: dict) -> TrainConfig:
     v = {k: val for k, val in cfg["victim"].items() if k not in ("arch", "arch_params")}
     return TrainConfig(**v)
+
+
+def split_config(cfg: dict) -> dict:
+    """`cfg["split"]`, checked field by field (so a bad value is refused before any training, not after)."""
+    sc = cfg["split"]
+
+    def number(key, lo, hi, kind=(int, float)):
+        v = sc[key]
+        if isinstance(v, bool) or not isinstance(v, kind) or not lo <= v <= hi:
+            what = "an integer" if kind is int else "a number"
+            raise CGDError(f"split.{key} must be {what} in [{lo}, {hi}]; got {v!r}")
+        return v
+
+    s1, s2 = number("sigma1", 0, 0.5), number("sigma2", 0, 0.5)
+    if not 0 < s2 <= s1 < 0.5:
+        raise CGDError(f"need 0 < split.sigma2 ≤ split.sigma1 < 0.5; got sigma1={s1}, sigma2={s2}")
+    number("purify", 0, 1)
+    number("neighbours", 1, 1000, int)
+    number("refine_rounds", 0, 10, int)
+    number("min_clean_per_class", 0, 1000, int)
+    if sc["refine"] not in ("probe", "none"):
+        raise CGDError(f"unknown split.refine {sc['refine']!r}: use 'probe' or 'none'")
+    ms = sc["model_score"]
+    if not isinstance(ms, str) or not (ms in ("snapshot", "final", "history:auto") or
+                                       _is_window(ms.removeprefix("history:")) and ms.startswith("history:")):
+        raise CGDError(f"unknown split.model_score {ms!r}: use snapshot, final, history:auto or history:A-B")
+    return sc
+
+
+def _is_window(text: str) -> bool:
+    a, _, b = text.partition("-")
+    return a.isdigit() and b.isdigit() and 1 <= int(a) <= int(b)
 
 
 def unlearn_config(cfg: dict) -> UnlearnConfig:

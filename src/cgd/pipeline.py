@@ -12,13 +12,13 @@ import torch
 
 from . import CGDError, models
 from .attacks import PoisonedSet
-from .config import dumps_toml, explicit, train_config, unlearn_config
+from .config import dumps_toml, explicit, split_config, train_config, unlearn_config
 from .data import ImageSet
 from .evaluate import ca_asr, clean_accuracy
-from .io import atomic_write_text, load_arrays, read_json, save_arrays, write_json
+from .io import atomic_write_text, load_arrays, prepare_dir, read_json, save_arrays, staged_outputs, write_json
 from .refine import probe_logits
-from .split import (detection_metrics, history_window, nearest_neighbours, neighbour_poison_fraction, nll, purify,
-                    split)
+from .split import (detection_metrics, fill_clean_classes, history_window, nearest_neighbours,
+                    neighbour_poison_fraction, nll, purify, split)
 from .train import TrainConfig, TrainResult, predict_logits, train
 from .unlearn import unlearn
 
@@ -140,7 +140,9 @@ def score_and_split(labels: np.ndarray, g: np.ndarray, model_nll: np.ndarray, sc
     * `purify = q` (0 < q < 1) keeps in D_c, per class, the share q trusted most (see `split.purify`), using the
       suspicious model's features (`model_features()`) to find D_c samples that sit among D_p;
     * `refine = "probe"` sharpens the guide by a linear probe on its own features (`features()`), fitted on the
-      current D_c (out of fold), `refine_rounds` times, re-splitting after each.
+      current D_c (out of fold), `refine_rounds` times, re-splitting after each;
+    * `min_clean_per_class = m` tops every class up to m samples in D_c from its most trusted mixed ones
+      (`split.fill_clean_classes`; it moves nothing unless a class nearly drops out of D_c, as on small data).
     Returns (split, guide logits)."""
     keep = scfg.get("purify", 0)
     if scfg.get("refine", "none") not in ("probe", "none"):
@@ -153,7 +155,7 @@ def score_and_split(labels: np.ndarray, g: np.ndarray, model_nll: np.ndarray, sc
         s = split(nll(guide, labels), model_nll, scfg["sigma1"], scfg["sigma2"])
         if keep:
             s = purify(s, neighbour_poison_fraction(near, labels, s.poison), labels, keep)
-        return s
+        return fill_clean_classes(s, labels, num_classes, scfg.get("min_clean_per_class", 0))
 
     s = one_split(g)
     rounds = scfg.get("refine_rounds", 1) if scfg.get("refine", "none") == "probe" else 0
@@ -163,7 +165,35 @@ def score_and_split(labels: np.ndarray, g: np.ndarray, model_nll: np.ndarray, sc
     return s, g
 
 
-OUTPUTS = ("scores.csv", "split.json", "entropy_map.png", "defended.safetensors", "metrics.json", "report.md")
+OUTPUTS = ("config.toml", "scores.csv", "split.json", "entropy_map.png", "defended.safetensors",
+           "defended.safetensors.json", "metrics.json", "report.md")
+MIN_PER_CLASS = 10  # fewer training samples in a class leave the split's percentile ranks nothing to rank
+
+
+def preflight(train_set: ImageSet, scfg: dict, victim_epochs: int | None) -> None:
+    """Everything about the training set that can be checked before any work, with what the user must change.
+    `victim_epochs`: the epochs of a victim to be trained here (None: the user gives the model)."""
+    n, names = len(train_set), train_set.class_names
+    if n == 0:
+        raise CGDError("the training set is empty: CGD needs the (possibly poisoned) training images the model "
+                       "was trained on")
+    counts = np.bincount(train_set.labels, minlength=len(names))
+    present = np.flatnonzero(counts)
+    if len(present) < 2:
+        raise CGDError(f"every training label is {names[present[0]]!r}: CGD weighs each label against the "
+                       "others and needs at least two classes")
+    few = {names[c]: int(counts[c]) for c in np.flatnonzero(counts < MIN_PER_CLASS)}
+    if few:
+        raise CGDError(f"too few training samples in class(es) {few}: the split needs at least {MIN_PER_CLASS} "
+                       "per class named in class_names; add images or leave those classes out of the data")
+    if scfg["purify"] and n <= scfg["neighbours"]:
+        raise CGDError(f"split.neighbours={scfg['neighbours']} needs more than {scfg['neighbours']} training "
+                       f"samples; got {n}: lower split.neighbours or set split.purify=0")
+    ms = scfg["model_score"]
+    if victim_epochs is not None and ms.startswith("history:") and ms != "history:auto" \
+            and int(ms.rsplit("-", 1)[1]) > victim_epochs:
+        raise CGDError(f"split.model_score {ms!r} reaches past the victim's {victim_epochs} epochs "
+                       "(victim.epochs)")
 
 
 def defend(train_set: ImageSet, cfg: dict, run_dir: Path, *, guide=None, model_path: Path | None = None,
@@ -179,18 +209,18 @@ def defend(train_set: ImageSet, cfg: dict, run_dir: Path, *, guide=None, model_p
     run_dir = Path(run_dir)
     ucfg = unlearn_config(cfg)  # validate everything cheap before touching the disk
     tcfg = train_config(cfg)
-    scfg = cfg["split"]
-    if guide is None:
-        guide = guides.get(cfg["guide"]["name"], **cfg["guide"]["params"])
+    scfg = split_config(cfg)
+    preflight(train_set, scfg, None if model_path or victim else tcfg.epochs)
     if poison_mask is not None and len(poison_mask) != len(train_set):
         raise CGDError(f"poison mask has {len(poison_mask)} entries for {len(train_set)} samples")
+    if guide is None:
+        guide = guides.get(cfg["guide"]["name"], **cfg["guide"]["params"])
     cfg_text = dumps_toml(explicit(cfg))  # the recipe spelled out: a changed recipe is a new run
-    if (run_dir / "metrics.json").exists() and (run_dir / "config.toml").exists() \
-            and (run_dir / "config.toml").read_text() == cfg_text and all((run_dir / f).exists() for f in OUTPUTS):
+    if (run_dir / "config.toml").is_file() and (run_dir / "config.toml").read_text() == cfg_text \
+            and all((run_dir / f).exists() for f in OUTPUTS):
         log(f"{run_dir}: finished run with this config found; nothing to do")
         return read_json(run_dir / "metrics.json")
-    work = run_dir / ".work"
-    work.mkdir(parents=True, exist_ok=True)
+    work = prepare_dir(prepare_dir(run_dir, "run folder") / ".work", "run folder")
     atomic_write_text(work / "config.toml", cfg_text)
     labels, names, k = train_set.labels, train_set.class_names, train_set.num_classes
     timings: dict[str, float] = {}
@@ -248,17 +278,18 @@ def defend(train_set: ImageSet, cfg: dict, run_dir: Path, *, guide=None, model_p
         metrics["before"] = {"ca": clean_accuracy(victim.model, test)}
         metrics["after"] = {"ca": clean_accuracy(res.model, test)}
 
-    # Everything succeeded: write the outputs, each atomically, metrics.json last.
-    atomic_write_text(run_dir / "config.toml", cfg_text)
-    scores_csv(s, labels, poison_mask, run_dir / "scores.csv")
-    write_json(run_dir / "split.json", {"sigma1": scfg["sigma1"], "sigma2": scfg["sigma2"],
+    # Everything succeeded: stage the outputs, then move them into place together (metrics.json last).
+    with staged_outputs(run_dir, stage_in=work) as out:
+        atomic_write_text(out / "config.toml", cfg_text)
+        scores_csv(s, labels, poison_mask, out / "scores.csv")
+        write_json(out / "split.json", {"sigma1": scfg["sigma1"], "sigma2": scfg["sigma2"],
                                         "model_score": how, "sizes": s.sizes(),
                                         "clean": s.clean, "poison": s.poison, "mixed": s.mixed})
-    entropy_map_png(s, poison_mask, run_dir / "entropy_map.png", title=f"{run_dir.parent.name}/{run_dir.name}",
-                    sigma1=scfg["sigma1"], sigma2=scfg["sigma2"])
-    models.save_model(res.model, run_dir / "defended.safetensors", defended_by="cgd", recipe=cfg["unlearn"])
-    atomic_write_text(run_dir / "report.md", run_report(run_dir.name, cfg, metrics))
-    write_json(run_dir / "metrics.json", metrics)
+        entropy_map_png(s, poison_mask, out / "entropy_map.png", title=f"{run_dir.parent.name}/{run_dir.name}",
+                        sigma1=scfg["sigma1"], sigma2=scfg["sigma2"])
+        models.save_model(res.model, out / "defended.safetensors", defended_by="cgd", recipe=cfg["unlearn"])
+        atomic_write_text(out / "report.md", run_report(run_dir.name, cfg, metrics))
+        write_json(out / "metrics.json", metrics)
     return metrics
 
 

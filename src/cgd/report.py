@@ -7,13 +7,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import atomic_write_bytes, atomic_write_text
+from .io import atomic_write_bytes, atomic_write_text, keep_writes_in_cache
 from .split import Split
 
 
 def entropy_map_png(s: Split, poison_mask: np.ndarray | None, path: Path, title: str = "",
                     sigma1: float = 0.2, sigma2: float = 0.1) -> None:
-    """Guide rank (x) against model rank (y), one dot per sample, known poison in red, split borders drawn."""
+    """Guide rank (x) against model rank (y), one dot per sample, known poison in red, split borders drawn.
+    `title` is plain text: a `$` in a run name is not read as mathtext."""
+    keep_writes_in_cache()
     import matplotlib
 
     matplotlib.use("Agg")
@@ -34,7 +36,8 @@ def entropy_map_png(s: Split, poison_mask: np.ndarray | None, path: Path, title:
     ax.text(0.02, 0.98, "D_c", transform=ax.transAxes, va="top")
     ax.text(0.93, 0.02, "D_p", transform=ax.transAxes)
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="guide NLL rank (high: label looks wrong)",
-           ylabel="model NLL rank (low: learned suspiciously fast)", title=title)
+           ylabel="model NLL rank (low: learned suspiciously fast)")
+    ax.set_title(title, parse_math=False)
     ax.legend(loc="upper right", markerscale=6, fontsize=8)
     buf = io.BytesIO()
     fig.tight_layout()

@@ -163,6 +163,31 @@ def purify(s: Split, neighbour_fraction: np.ndarray, labels: np.ndarray, keep: f
     return Split(clean, s.poison, mixed, s.guide_nll, s.model_nll, s.guide_rank, s.model_rank)
 
 
+def fill_clean_classes(s: Split, labels: np.ndarray, num_classes: int, minimum: int = 5) -> Split:
+    """Give every class at least `minimum` samples in D_c (or all it has outside D_p, if fewer), moving in its
+    most trusted mixed samples (lowest guide rank + 1 − model rank). A class missing from D_c can be neither
+    relearned nor probed; on a large dataset every class holds hundreds there and nothing moves, while on a small
+    one (a few dozen images per class, a weak guide) a class can drop out. D_p is unchanged."""
+    labels = np.asarray(labels)
+    have = np.bincount(labels[s.clean], minlength=num_classes)
+    short = np.flatnonzero(have < minimum)
+    if len(short) == 0:
+        return s
+    trust = s.guide_rank + (1 - s.model_rank)
+    moved = []
+    for c in short:
+        pool = s.mixed[labels[s.mixed] == c]
+        moved.append(pool[np.argsort(trust[pool], kind="stable")][:minimum - have[c]])
+    moved = np.concatenate(moved)
+    empty = [int(c) for c in short if have[c] == 0 and not (labels[moved] == c).any()]
+    if empty:
+        raise CGDError(f"class(es) {empty} have no training sample outside the suspected-poison subset D_p, so "
+                       "none can be trusted and relearned. Check their labels, or lower split.sigma2 (now "
+                       "fewer samples go to D_p)")
+    return Split(np.union1d(s.clean, moved), s.poison, np.setdiff1d(s.mixed, moved), s.guide_nll, s.model_nll,
+                 s.guide_rank, s.model_rank)
+
+
 def oversample_clean(clean_idx: np.ndarray, labels: np.ndarray, num_classes: int, seed: int = 0,
                      prior: np.ndarray | None = None) -> np.ndarray:
     """Indices of D_c with each class resampled (with replacement) up to its share of `prior` (default: the
