@@ -17,10 +17,11 @@ import torch
 from safetensors.torch import save
 
 from cgd import CGDError, models
-from cgd.data import ImageSet
+from cgd.data import Dataset, ImageSet, save_npz
 from cgd.schema import Int, Ints
 
 from conftest import NAMES
+from hostile import Sandbox, assert_refused, run_cli
 
 ARCH = {"num_classes": 4, "widths": [4, 8, 8], "stem": 4}
 
@@ -325,6 +326,28 @@ def test_an_old_sidecar_without_size_or_names_gets_the_checks_that_remain(tmp_pa
         models.check_compatible(m, imageset(10, 2, "wxyz"), "model M", "D")
 
 
+def test_train_victim_records_what_it_was_trained_on_and_resumes(tiny, tmp_path, monkeypatch):
+    from cgd import pipeline
+    from cgd.train import TrainConfig
+
+    cfg = TrainConfig(epochs=1, batch_size=128, snapshot_epoch=1, augment="none")
+    first = pipeline.train_victim(tiny.train.images, tiny.train.labels, 4, cfg, tmp_path, "fastnet",
+                                  {"widths": [4, 8, 8], "stem": 4}, class_names=NAMES)
+    for f in ("victim", "snapshot"):
+        spec = json.loads((tmp_path / f"{f}.safetensors.json").read_text())
+        assert spec["input_size"] == [16, 16] and spec["class_names"] == NAMES
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished victim must be reloaded, not retrained")
+
+    monkeypatch.setattr(pipeline, "train", no_training)
+    again = pipeline.train_victim(tiny.train.images, tiny.train.labels, 4, cfg, tmp_path, "fastnet",
+                                  {"widths": [4, 8, 8], "stem": 4}, class_names=NAMES)
+    for a, b in zip(first.model.state_dict().values(), again.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert again.model.cgd_spec["class_names"] == NAMES
+
+
 # ------------------------------------------------------------------------------------------------ fuzz
 
 def _mutate(raw: bytes, rng: np.random.Generator, lo: int, hi: int) -> bytes:
@@ -386,3 +409,58 @@ def test_fuzzed_model_files_load_or_raise_cgd_error(tmp_path, address_space_cap)
             words = str(e).replace(str(spec_path), "SIDECAR").replace(str(p), "WEIGHTS").split()
             outcomes["refused"].add(" ".join(w for w in words[:4] if not any(c.isdigit() for c in w)))
     assert outcomes["loaded"] > 0 and len(outcomes["refused"]) >= 8, outcomes
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+
+def npz(path, n_classes: int, size: int, n_test: int = 6) -> str:
+    names = [f"c{i}" for i in range(n_classes)]
+    save_npz(Dataset(imageset(2 * n_classes, size, names), imageset(n_test, size, names)), path)
+    return str(path)
+
+
+def cli_model(box: Sandbox, spec: dict | bytes) -> str:
+    """Weights of a tiny fastnet of the sidecar's class count (5 where that count is hostile)."""
+    p = box.work / "m.safetensors"
+    n = spec["params"]["num_classes"] if isinstance(spec, dict) and spec["params"]["num_classes"] <= 10 else 5
+    write_model(p, spec=spec, arch=dict(ARCH, num_classes=n))
+    return str(p)
+
+
+def spec_for(n_classes: int, size: int, **params) -> dict:
+    return {"name": "fastnet", "params": dict(ARCH, num_classes=n_classes, **params), "input_size": [size, size],
+            "class_names": [f"c{i}" for i in range(n_classes)]}
+
+
+@pytest.mark.parametrize("spec, data, needles", [
+    pytest.param(spec_for(5, 32) | {"params": dict(ARCH, num_classes=1_250_000_000_000)}, (5, 32),
+                 ["m.safetensors.json", "params.num_classes must be an integer"], id="5-TB num_classes"),
+    pytest.param(spec_for(5, 32) | {"params": dict(ARCH, num_classes=5, widths=[7300, 7300, 7300], stem=4)}, (5, 32),
+                 ["m.safetensors.json", "params.widths must be a list of 3 integers"], id="9.7-GB widths"),
+    pytest.param(spec_for(5, 32) | {"params": dict(ARCH, num_classes=5, widths=[4096, 4096, 4096])}, (5, 32),
+                 ["m.safetensors.json", "parameters; the limit is"], id="3-GB widths under the range"),
+    pytest.param(b"{'name': fastnet}", (5, 32), ["m.safetensors.json", "is not valid json"], id="not JSON"),
+    pytest.param(spec_for(10, 32), (5, 32), ["has 10 classes but the test split of", "has 5 (c0, c1"],
+                 id="10-class model, 5-class data"),
+    pytest.param(spec_for(5, 32), (5, 8), ["trained on 32x32 px images but the test split of", "has 8x8 px"],
+                 id="32-px model, 8-px data"),
+    pytest.param(spec_for(5, 32), (5, 1), ["has 1x1 px images but model", "needs at least 8x8 px"],
+                 id="32-px model, 1-px data"),
+    pytest.param(spec_for(5, 32), (5, 32, 0), ["the test split of", "holds no images"], id="empty test set --json"),
+])
+def test_cli_evaluate_refuses_hostile_models_and_mismatched_data(tmp_path, spec, data, needles):
+    box = Sandbox(tmp_path)
+    data_path = npz(box.work / "d.npz", *data)
+    model = cli_model(box, spec)
+    res = run_cli(box, "evaluate", "--model", model, "--data", data_path, "--json")
+    assert_refused(res, "evaluate", *needles, box=box)
+    assert res.out == ""  # nothing for a script to mistake for a result (`NaN` is not JSON)
+
+
+def test_cli_defend_refuses_a_model_of_another_image_size(tmp_path):
+    box = Sandbox(tmp_path)
+    data_path = npz(box.work / "d.npz", 4, 16, n_test=4)
+    model = cli_model(box, spec_for(4, 32))
+    res = run_cli(box, "defend", "--data", data_path, "--model", model, "--out", "run")
+    assert_refused(res, "defend", "was trained on 32x32 px images but the training data has 16x16",
+                   box=box, run_dir=box.work / "run")
