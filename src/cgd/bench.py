@@ -83,7 +83,8 @@ def run_benchmark(attack_names: list[str], cfg: dict, root: Path, data: str = "c
         today = _dt.date.today().isoformat()
 
         victim = train_victim(ps.train.images, ps.train.labels, ds.train.num_classes, train_config(cfg),
-                              run / "victim", cfg["victim"]["arch"], cfg["victim"]["arch_params"])
+                              run / "victim", cfg["victim"]["arch"], cfg["victim"]["arch_params"],
+                              class_names=ds.class_names)
         if _find(results, name, "none", key) is None:
             r = ca_asr(victim.model, ps, ds.test)
             cell = {**common, "defense": "none", **r, "victim_train_s": victim.seconds, "date": today}

@@ -195,7 +195,7 @@ def cmd_train(args) -> int:
     prepare_dir(Path(args.out))
     ds = load_dataset(args.data)
     res = train_victim(ds.train.images, ds.train.labels, ds.train.num_classes, train_config(cfg), Path(args.out),
-                       cfg["victim"]["arch"], cfg["victim"]["arch_params"])
+                       cfg["victim"]["arch"], cfg["victim"]["arch_params"], class_names=ds.class_names)
     print(f"trained in {res.seconds:.0f} s; test accuracy {clean_accuracy(res.model, ds.test):.4f}; "
           f"model -> {Path(args.out) / 'victim.safetensors'}")
     return 0
@@ -219,10 +219,12 @@ def cmd_defend(args) -> int:
 def cmd_evaluate(args) -> int:
     from .data import load_dataset
     from .evaluate import clean_accuracy
-    from .models import load_model
+    from .models import check_compatible, load_model
 
     model = load_model(args.model)
     ds = load_dataset(args.data)
+    check_compatible(model, ds.test, f"model {args.model}", f"the test split of {args.data}",
+                     log=lambda s: print(s, file=sys.stderr))
     acc = clean_accuracy(model, ds.test)
     print(json.dumps({"accuracy": acc}) if args.json else f"accuracy {acc:.4f} on {len(ds.test)} test images")
     return 0

@@ -24,9 +24,11 @@ from .unlearn import unlearn
 
 
 def train_victim(images: np.ndarray, labels: np.ndarray, num_classes: int, config: TrainConfig,
-                 out_dir: Path, arch: str = "fastnet", arch_params: dict | None = None) -> TrainResult:
+                 out_dir: Path, arch: str = "fastnet", arch_params: dict | None = None,
+                 class_names: list[str] | None = None) -> TrainResult:
     """Train (or resume, or reload a finished) victim in `out_dir`: `victim.safetensors`, `snapshot.safetensors`
-    (epoch T), `loss_history.safetensors` and `victim.json` (recipe and timings)."""
+    (epoch T), `loss_history.safetensors` and `victim.json` (recipe and timings). The models' sidecars record the
+    image size and `class_names` (in label order), which `models.check_compatible` holds later data to."""
     out_dir = Path(out_dir)
     done = out_dir / "victim.json"
     params = dict(arch_params or {}, num_classes=num_classes)
@@ -41,11 +43,12 @@ def train_victim(images: np.ndarray, labels: np.ndarray, num_classes: int, confi
     torch.manual_seed(config.seed)  # the initial weights too are fixed by the seed
     model = models.get(arch, **params)
     result = train(model, images, labels, config, checkpoint_dir=out_dir / "checkpoint", desc="victim")
-    models.save_model(result.model, out_dir / "victim.safetensors")
+    trained_on = {"input_size": images.shape[1:3], "class_names": class_names}
+    models.save_model(result.model, out_dir / "victim.safetensors", **trained_on)
     if result.snapshot is not None:
         snap_model = models.get(arch, **params)
         snap_model.load_state_dict(result.snapshot)
-        models.save_model(snap_model, out_dir / "snapshot.safetensors", epoch=config.snapshot_epoch)
+        models.save_model(snap_model, out_dir / "snapshot.safetensors", epoch=config.snapshot_epoch, **trained_on)
     save_arrays(out_dir / "loss_history.safetensors", loss=result.loss_history)
     write_json(done, {"arch": arch, "config": asdict(config), "epoch_seconds": result.epoch_seconds,
                       "threads": torch.get_num_threads()})
@@ -245,10 +248,8 @@ def defend(train_set: ImageSet, cfg: dict, run_dir: Path, *, guide=None, model_p
             log(f"a given model has no training-loss history{'' if snap is not None else ' or snapshot'}: "
                 f"scoring with the {fallback} model instead of {wanted!r}")
             scfg = dict(scfg, model_score=fallback)
-    n_out = victim.model(torch.zeros(1, 3, *train_set.images.shape[1:3]).contiguous(
-        memory_format=torch.channels_last)).shape[1] if model_path else k
-    if n_out != k:
-        raise CGDError(f"the model has {n_out} outputs but the data has {k} class names")
+    if model_path is not None:
+        models.check_compatible(victim.model, train_set, f"model {model_path}", "the training data", log=log)
 
     t = time.perf_counter()
     log(f"scoring {len(labels)} samples with guide {getattr(guide, 'id', type(guide).__name__)}")

@@ -1,24 +1,63 @@
-"""Victim architectures, found by name, and safe checkpoints (safetensors + a JSON of constructor arguments)."""
+"""Victim architectures, found by name, and safe checkpoints (safetensors + a JSON sidecar of constructor
+arguments, training image size and class names).
+
+Model files come from people who may be attackers, so nothing in them is trusted: each architecture declares its
+constructor parameters (`PARAMS`, see `cgd.schema`) and its smallest input (`MIN_INPUT`) once, beside its class;
+`load_model` checks the sidecar against them, then the safetensors header against the tensor shapes those
+parameters imply (built on the meta device: nothing is allocated), and only then reads the weights.
+"""
 
 from __future__ import annotations
 
+import inspect
 import json
+import math
+import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .. import CGDError
+from ..data import ImageSet
 from ..io import atomic_write_bytes, atomic_write_text
 from ..registry import Registry
+from ..schema import Flag, Int, Ints, Real, check_params, show
 
 MODELS: Registry[nn.Module] = Registry("model")
 
+MAX_CLASSES = 100_000
+MAX_PARAMETERS = 1 << 26  # 67 M (256 MiB of float32): preact-resnet18 is 11 M, the default fastnet 0.5 M
+MAX_SIDECAR_BYTES = 1 << 20  # a sidecar is a few hundred bytes (class names included)
+MAX_HEADER_BYTES = 1 << 20  # a safetensors header here is a few KiB
+MAX_INPUT_SIDE = 4096
+SAFETENSORS_DTYPES = {torch.float32: ("F32", 4), torch.int64: ("I64", 8)}  # what the architectures' states hold
+
 
 def get(name: str, **params) -> nn.Module:
-    model = MODELS.get(name, **params)
+    """The architecture `name` built with `params`, checked against its `PARAMS` (and the parameter cap)."""
+    cls = MODELS.cls(name)
+    params = check_params(cls.PARAMS, params, f"{name} params")
+    blueprint(cls, params, f"{name} params")
+    model = cls(**params)
     model.cgd_spec = {"name": name, "params": params}
     return model
+
+
+def _resolved(cls, params: dict) -> dict:
+    """`params` completed with the constructor's defaults."""
+    return {k: p.default for k, p in inspect.signature(cls).parameters.items()} | params
+
+
+def blueprint(cls, params: dict, where: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of the state dict `cls(**params)` would have, found on the meta device (no memory);
+    refused when the network would exceed `MAX_PARAMETERS`."""
+    with torch.device("meta"):
+        state = cls(**params).state_dict()
+    n = sum(math.prod(t.shape) for t in state.values())
+    if n > MAX_PARAMETERS:
+        raise CGDError(f"{where} make a network of {n:,} parameters; the limit is {MAX_PARAMETERS:,}")
+    return {k: (tuple(t.shape), t.dtype) for k, t in state.items()}
 
 
 def conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
@@ -39,6 +78,10 @@ class FastNet(nn.Module):
     halving the resolution, global max-pool, a scaled linear head). Default widths reach ≥ 85 % on CIFAR-10
     in a few epochs on two CPU cores (see docs/benchmarks.md). With `flip_tta`, evaluation averages the logits of
     the image and its mirror image (training is unchanged): +1.2 pt CA on CIFAR-10 for one more forward pass."""
+
+    PARAMS = {"num_classes": Int(1, MAX_CLASSES), "widths": Ints(3, 1, 4096), "stem": Int(1, 4096),
+              "logit_scale": Real(0, 1000), "flip_tta": Flag()}
+    MIN_INPUT = 8  # three 2x2 max-pools: 8 px is the smallest input that leaves the last group one pixel
 
     def __init__(self, num_classes: int = 10, widths: tuple[int, int, int] = (32, 64, 128), stem: int = 24,
                  logit_scale: float = 1 / 9, flip_tta: bool = True):
@@ -79,6 +122,9 @@ class PreActBlock(nn.Module):
 class PreActResNet18(nn.Module):
     """The paper's victim. `width` 64 is the standard network; 16 trains ~10× faster on CPU."""
 
+    PARAMS = {"num_classes": Int(1, MAX_CLASSES), "width": Int(1, 512)}
+    MIN_INPUT = 8  # three stride-2 stages: below 8 px the last stage sees less than one pixel of the image
+
     def __init__(self, num_classes: int = 10, width: int = 64):
         super().__init__()
         w = width
@@ -99,35 +145,216 @@ class PreActResNet18(nn.Module):
         return self.head(self.features(x))
 
 
-def save_model(model: nn.Module, path: str | Path, **meta) -> None:
-    """Weights to `path` (safetensors), constructor spec and `meta` to `path` + `.json`."""
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+def save_model(model: nn.Module, path: str | Path, *, input_size: tuple[int, int] | None = None,
+               class_names: list[str] | None = None, **meta) -> None:
+    """Weights to `path` (safetensors); to `path` + `.json` the constructor spec, the (H, W) of the training images
+    and the class names in label order (what `check_compatible` holds data to; a model loaded with them keeps them
+    when given none), and `meta`: free-form provenance, recorded and never read back."""
     from safetensors.torch import save
 
     path = Path(path)
+    spec = model.cgd_spec
+    cls = MODELS.cls(spec["name"])
+    trained = {k: v for k, v in spec.items() if k in ("input_size", "class_names")}
+    trained |= _check_trained_on(cls, spec["params"], None if input_size is None else list(input_size),
+                                None if class_names is None else list(class_names), path.name)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     atomic_write_bytes(path, save(state))
-    spec = dict(getattr(model, "cgd_spec", {}), **meta)
-    atomic_write_text(path.with_name(path.name + ".json"), json.dumps(spec, indent=2, default=str) + "\n")
+    sidecar = {**meta, "name": spec["name"], "params": spec["params"], **trained}
+    atomic_write_text(path.with_name(path.name + ".json"), json.dumps(sidecar, indent=2, default=str) + "\n")
+
+
+def _check_trained_on(cls, params: dict, input_size, class_names, where: str) -> dict:
+    """The sidecar's `input_size` and `class_names`, checked (either may be absent: None)."""
+    out = {}
+    if input_size is not None:
+        out["input_size"] = list(Ints(2, cls.MIN_INPUT, MAX_INPUT_SIDE).check(input_size, f"{where}: input_size"))
+    if class_names is not None:
+        k = _resolved(cls, params)["num_classes"]
+        if not isinstance(class_names, list) or len(class_names) != k \
+                or any(type(c) is not str for c in class_names) or len(set(class_names)) != k:
+            raise CGDError(f"{where}: class_names must be a list of {k} distinct strings (one per class); "
+                           f"got {show(class_names)}")
+        out["class_names"] = class_names
+    return out
 
 
 def load_model(path: str | Path) -> nn.Module:
-    """Rebuild a model saved by `save_model` (no pickles are read)."""
+    """Rebuild a model saved by `save_model`, trusting neither file: the sidecar is checked against the
+    architecture's `PARAMS`, the safetensors header against the state those parameters imply, and the weights
+    must be finite. Anything else is one `CGDError` naming the file and the field. No pickles are read."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     path = Path(path)
     spec_path = path.with_name(path.name + ".json")
-    if not path.exists():
-        raise CGDError(f"model file {path} does not exist")
-    if not spec_path.exists():
-        raise CGDError(f"{spec_path} is missing: it records the architecture of {path.name}")
-    spec = json.loads(spec_path.read_text())
-    params = dict(spec.get("params", {}))
-    if "widths" in params:
-        params["widths"] = tuple(params["widths"])
-    model = get(spec["name"], **params)
+    for p, what in ((path, "model file"), (spec_path, f"sidecar (the architecture of {path.name})")):
+        if not p.exists():
+            raise CGDError(f"{what} {p} does not exist")
+        if not p.is_file():
+            raise CGDError(f"{what} {p} is not a regular file")
+    spec = _parse_json(_read_bounded(spec_path, MAX_SIDECAR_BYTES), str(spec_path))
+    if not isinstance(spec, dict):
+        raise CGDError(f"{spec_path} must be a JSON object with the model's name and params; got {show(spec)}")
+    if "name" not in spec:
+        raise CGDError(f"{spec_path} has no 'name' (the architecture: {', '.join(MODELS.names())})")
+    name = spec["name"]
+    if name not in MODELS.names():
+        raise CGDError(f"{spec_path}: name {show(name)} is not an architecture; available: {', '.join(MODELS.names())}")
+    cls = MODELS.cls(name)
+    params = check_params(cls.PARAMS, spec.get("params", {}), f"{spec_path}: params")
+    trained = _check_trained_on(cls, params, spec.get("input_size"), spec.get("class_names"), str(spec_path))
+    raw = _read_weights(path, blueprint(cls, params, f"{spec_path}: params"), name)
     try:
-        model.load_state_dict(load_file(str(path)))
-    except (SafetensorError, RuntimeError) as e:
-        raise CGDError(f"{path}: cannot load weights for {spec['name']}: {e}") from None
+        state = load(raw)
+    except SafetensorError as e:
+        raise CGDError(f"{path}: not a readable safetensors file: {e}") from None
+    for k, t in state.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CGDError(f"{path}: tensor {k!r} holds NaN or infinite values (every prediction would be NaN)")
+        if k.endswith("running_var") and (t < 0).any():
+            raise CGDError(f"{path}: tensor {k!r} holds negative variances (every prediction would be NaN)")
+    model = cls(**params)
+    model.load_state_dict(state)
+    model.cgd_spec = {"name": name, "params": params, **trained}
     return model.eval()
+
+
+def _read_bounded(path: Path, limit: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(limit + 1)
+    except OSError as e:
+        raise CGDError(f"{path}: cannot read: {e.strerror or e}") from None
+    if len(raw) > limit:
+        raise CGDError(f"{path} is larger than {limit:,} bytes: not a model sidecar")
+    return raw
+
+
+def _parse_json(raw: bytes, where: str):
+    """Strict JSON: UTF-8, no NaN/Infinity, no duplicate keys (two readers could pick different ones)."""
+    def constant(c):
+        raise ValueError(f"{c} is not JSON")
+
+    def unique(pairs):
+        out = {}
+        for k, v in pairs:
+            if k in out:
+                raise ValueError(f"duplicate key {show(k)}")
+            out[k] = v
+        return out
+
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=constant, object_pairs_hook=unique)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise CGDError(f"{where} is not valid JSON: {str(e)[:200]}") from None
+
+
+def _read_weights(path: Path, expected: dict, arch: str) -> bytes:
+    """The bytes of the safetensors file `path`, read only after its header (8-byte little-endian length, then
+    JSON) has been checked against `expected` (name -> (shape, dtype) of the state of `arch`)."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise CGDError(f"{path}: {size} bytes, too short for a safetensors file (an 8-byte header length)")
+            n = int.from_bytes(prefix, "little")
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise CGDError(f"{path}: header length {n:,} is impossible (file of {size:,} bytes, header limit "
+                               f"{MAX_HEADER_BYTES:,})")
+            head = f.read(n)
+            data_len = _check_header(_parse_json(head, f"{path}: header"), expected, arch, str(path))
+            if size != 8 + n + data_len:
+                raise CGDError(f"{path}: the header describes {data_len:,} bytes of tensors but the file holds "
+                               f"{size - 8 - n:,}")
+            body = f.read(data_len + 1)
+    except OSError as e:
+        raise CGDError(f"{path}: cannot read: {e.strerror or e}") from None
+    if len(body) != data_len:
+        raise CGDError(f"{path} changed while it was read")
+    return prefix + head + body
+
+
+def _check_header(header, expected: dict, arch: str, where: str) -> int:
+    """Names, dtypes, shapes and data offsets of a parsed safetensors header against `expected`; the tensors must
+    tile the data section exactly. Returns the data section's length."""
+    if not isinstance(header, dict):
+        raise CGDError(f"{where}: the header must be a JSON object; got {show(header)}")
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or any(type(v) is not str for v in meta.values()):
+        raise CGDError(f"{where}: the header's __metadata__ must map names to strings; got {show(meta)}")
+    missing = [k for k in expected if k not in header]
+    if missing:
+        raise CGDError(f"{where}: tensor {missing[0]!r} is missing ({len(missing)} of the {len(expected)} tensors "
+                       f"of this {arch})")
+    extra = [k for k in header if k not in expected]
+    if extra:
+        raise CGDError(f"{where}: tensor {show(extra[0])} is not part of this {arch}")
+    spans = []
+    for k, (shape, dtype) in expected.items():
+        e, (code, itemsize) = header[k], SAFETENSORS_DTYPES[dtype]
+        if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
+            raise CGDError(f"{where}: tensor {k!r} must have exactly dtype, shape and data_offsets; got {show(e)}")
+        if e["dtype"] != code:
+            raise CGDError(f"{where}: tensor {k!r} has dtype {show(e['dtype'])}; this {arch} stores {code}")
+        if not _naturals(e["shape"]) or tuple(e["shape"]) != shape:
+            raise CGDError(f"{where}: tensor {k!r} has shape {show(e['shape'])}; the sidecar's params make it "
+                           f"{list(shape)}")
+        off, nbytes = e["data_offsets"], math.prod(shape) * itemsize
+        if not _naturals(off) or len(off) != 2 or off[1] - off[0] != nbytes:
+            raise CGDError(f"{where}: tensor {k!r} has data_offsets {show(off)}; its {nbytes:,} bytes need "
+                           "[begin, begin + that]")
+        spans.append((off[0], off[1], k))
+    end = 0
+    for begin, stop, k in sorted(spans):
+        if begin != end:
+            raise CGDError(f"{where}: tensor {k!r} starts at byte {begin:,} of the data, not {end:,}: tensors must "
+                           "follow each other without gaps or overlaps")
+        end = stop
+    return end
+
+
+def _naturals(v) -> bool:
+    return isinstance(v, list) and all(type(x) is int and x >= 0 for x in v)
+
+
+# ------------------------------------------------------------------------------------------------ compatibility
+
+def check_compatible(model: nn.Module, data: ImageSet, model_name: str, data_name: str, log=None) -> None:
+    """Refuse data `model` cannot be run on meaningfully: no images, another number of classes, other class names,
+    images smaller than the architecture's `MIN_INPUT` or of another size than the model was trained on. A model
+    whose sidecar predates the recorded size and names (None) gets the checks that remain, and `log` says so."""
+    spec = model.cgd_spec
+    cls = MODELS.cls(spec["name"])
+    k = _resolved(cls, spec["params"])["num_classes"]
+    if len(data) == 0:
+        raise CGDError(f"{data_name} holds no images: nothing to run {model_name} on")
+    if k != data.num_classes:
+        raise CGDError(f"{model_name} has {k} classes but {data_name} has {data.num_classes} "
+                       f"({_names(data.class_names)})")
+    names = spec.get("class_names")
+    if names is not None and names != data.class_names:
+        i = next(i for i, (a, b) in enumerate(zip(names, data.class_names)) if a != b)
+        raise CGDError(f"{model_name} was trained on classes ({_names(names)}) but {data_name} has "
+                       f"({_names(data.class_names)}): class {i} is {names[i]!r} for the model, "
+                       f"{data.class_names[i]!r} for the data")
+    h, w = data.images.shape[1:3]
+    if min(h, w) < cls.MIN_INPUT:
+        raise CGDError(f"{data_name} has {h}x{w} px images but {model_name} ({spec['name']}) needs at least "
+                       f"{cls.MIN_INPUT}x{cls.MIN_INPUT} px")
+    size = spec.get("input_size")
+    if size is not None and list(size) != [h, w]:
+        raise CGDError(f"{model_name} was trained on {size[0]}x{size[1]} px images but {data_name} has {h}x{w} px "
+                       "images")
+    unknown = [what for what in ("input_size", "class_names") if spec.get(what) is None]
+    if unknown and log is not None:
+        log(f"note: {model_name} was saved without its {' and '.join(unknown)} (by an older cgd): not checked; the "
+            "class count and the minimum image size were")
+
+
+def _names(names: list[str], most: int = 10) -> str:
+    shown = ", ".join(names[:most])
+    return shown if len(names) <= most else f"{shown}, ... ({len(names)} in all)"
