@@ -413,9 +413,9 @@ def test_fuzzed_model_files_load_or_raise_cgd_error(tmp_path, address_space_cap)
 
 # ------------------------------------------------------------------------------------------------ the CLI
 
-def npz(path, n_classes: int, size: int, n_test: int = 6) -> str:
+def npz(path, n_classes: int, size: int, n_test: int = 6, per_class: int = 2) -> str:
     names = [f"c{i}" for i in range(n_classes)]
-    save_npz(Dataset(imageset(2 * n_classes, size, names), imageset(n_test, size, names)), path)
+    save_npz(Dataset(imageset(per_class * n_classes, size, names), imageset(n_test, size, names)), path)
     return str(path)
 
 
@@ -459,7 +459,7 @@ def test_cli_evaluate_refuses_hostile_models_and_mismatched_data(tmp_path, spec,
 
 def test_cli_defend_refuses_a_model_of_another_image_size(tmp_path):
     box = Sandbox(tmp_path)
-    data_path = npz(box.work / "d.npz", 4, 16, n_test=4)
+    data_path = npz(box.work / "d.npz", 4, 16, n_test=4, per_class=12)  # enough to pass the size checks
     model = cli_model(box, spec_for(4, 32))
     res = run_cli(box, "defend", "--data", data_path, "--model", model, "--out", "run")
     assert_refused(res, "defend", "was trained on 32x32 px images but the training data has 16x16",

@@ -41,6 +41,7 @@ def warm_cache(tmp_path_factory):
     (lambda: ImageSet(synthetic(80, 0).images, np.full(80, 2, np.int64), list(NAMES)),
      "every training label is 'blue'"),
     (lambda: synthetic(30, 0), "too few training samples in class(es)"),
+    (lambda: synthetic(80, 0, size=4), "the victim network fastnet (victim.arch) needs at least 8x8 px"),
 ])
 def test_training_sets_too_small_are_refused_before_training(tmp_path, make, needle):
     box = Sandbox(tmp_path)

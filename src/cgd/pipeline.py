@@ -173,9 +173,9 @@ OUTPUTS = ("config.toml", "scores.csv", "split.json", "entropy_map.png", "defend
 MIN_PER_CLASS = 10  # fewer training samples in a class leave the split's percentile ranks nothing to rank
 
 
-def preflight(train_set: ImageSet, scfg: dict, victim_epochs: int | None) -> None:
+def preflight(train_set: ImageSet, scfg: dict, victim: tuple[str, TrainConfig] | None) -> None:
     """Everything about the training set that can be checked before any work, with what the user must change.
-    `victim_epochs`: the epochs of a victim to be trained here (None: the user gives the model)."""
+    `victim`: the architecture and recipe of a victim to be trained here (None: the user gives the model)."""
     n, names = len(train_set), train_set.class_names
     if n == 0:
         raise CGDError("the training set is empty: CGD needs the (possibly poisoned) training images the model "
@@ -192,11 +192,16 @@ def preflight(train_set: ImageSet, scfg: dict, victim_epochs: int | None) -> Non
     if scfg["purify"] and n <= scfg["neighbours"]:
         raise CGDError(f"split.neighbours={scfg['neighbours']} needs more than {scfg['neighbours']} training "
                        f"samples; got {n}: lower split.neighbours or set split.purify=0")
+    if victim is None:
+        return
+    arch, tcfg = victim
+    smallest, (h, w) = models.MODELS.cls(arch).MIN_INPUT, train_set.images.shape[1:3]
+    if min(h, w) < smallest:
+        raise CGDError(f"the training images are {h}x{w} px but the victim network {arch} (victim.arch) needs at "
+                       f"least {smallest}x{smallest} px; upscale the images")
     ms = scfg["model_score"]
-    if victim_epochs is not None and ms.startswith("history:") and ms != "history:auto" \
-            and int(ms.rsplit("-", 1)[1]) > victim_epochs:
-        raise CGDError(f"split.model_score {ms!r} reaches past the victim's {victim_epochs} epochs "
-                       "(victim.epochs)")
+    if ms.startswith("history:") and ms != "history:auto" and int(ms.rsplit("-", 1)[1]) > tcfg.epochs:
+        raise CGDError(f"split.model_score {ms!r} reaches past the victim's {tcfg.epochs} epochs (victim.epochs)")
 
 
 def defend(train_set: ImageSet, cfg: dict, run_dir: Path, *, guide=None, model_path: Path | None = None,
@@ -213,7 +218,7 @@ def defend(train_set: ImageSet, cfg: dict, run_dir: Path, *, guide=None, model_p
     ucfg = unlearn_config(cfg)  # validate everything cheap before touching the disk
     tcfg = train_config(cfg)
     scfg = split_config(cfg)
-    preflight(train_set, scfg, None if model_path or victim else tcfg.epochs)
+    preflight(train_set, scfg, None if model_path or victim else (cfg["victim"]["arch"], tcfg))
     if poison_mask is not None and len(poison_mask) != len(train_set):
         raise CGDError(f"poison mask has {len(poison_mask)} entries for {len(train_set)} samples")
     if guide is None:
@@ -235,7 +240,7 @@ def defend(train_set: ImageSet, cfg: dict, run_dir: Path, *, guide=None, model_p
     elif model_path is None:
         log("training the victim model (kept: epoch-T snapshot and per-sample losses)")
         victim = train_victim(train_set.images, labels, k, tcfg, work / "victim", cfg["victim"]["arch"],
-                              cfg["victim"]["arch_params"])
+                              cfg["victim"]["arch_params"], class_names=names)
         timings["victim_train_s"] = victim.seconds
     else:
         model = models.load_model(model_path)
@@ -288,7 +293,8 @@ def defend(train_set: ImageSet, cfg: dict, run_dir: Path, *, guide=None, model_p
                                         "clean": s.clean, "poison": s.poison, "mixed": s.mixed})
         entropy_map_png(s, poison_mask, out / "entropy_map.png", title=f"{run_dir.parent.name}/{run_dir.name}",
                         sigma1=scfg["sigma1"], sigma2=scfg["sigma2"])
-        models.save_model(res.model, out / "defended.safetensors", defended_by="cgd", recipe=cfg["unlearn"])
+        models.save_model(res.model, out / "defended.safetensors", input_size=train_set.images.shape[1:3],
+                          class_names=names, defended_by="cgd", recipe=cfg["unlearn"])
         atomic_write_text(out / "report.md", run_report(run_dir.name, cfg, metrics))
         write_json(out / "metrics.json", metrics)
     return metrics
