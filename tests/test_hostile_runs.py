@@ -213,3 +213,35 @@ def test_a_small_dataset_whose_class_drops_out_of_the_clean_subset_still_runs(tm
     m = defend(ds, cfg, tmp_path / "run", guide=Doubter(y), log=lambda s: None)
     split = json.loads((tmp_path / "run" / "split.json").read_text())
     assert set(y[split["clean"]]) == {0, 1, 2, 3} and m["sizes"]["clean"] == len(split["clean"])
+
+
+def test_other_data_at_the_same_out_starts_over_instead_of_reusing_the_last_run(tmp_path, tiny):
+    from cgd import attacks
+    from cgd.config import apply_overrides, defaults
+    from cgd.pipeline import defend
+
+    cfg = apply_overrides(defaults(), ["victim.epochs=3", "victim.batch_size=64", "victim.snapshot_epoch=2",
+                                       "victim.augment='none'", "victim.arch_params={widths=[8,16,16],stem=8}",
+                                       "unlearn.overrides={min_steps=4}"])
+    a = attacks.get("badnets", target=0, rate=0.1, seed=0).poison(tiny.train).train
+    b = attacks.get("blend", target=1, rate=0.1, seed=0).poison(tiny.train).train
+    logs = []
+    defend(a, cfg, tmp_path / "run", guide=LabelGuide(tiny.train.labels), log=logs.append)
+    m = defend(b, cfg, tmp_path / "run", guide=LabelGuide(tiny.train.labels), log=logs.append)
+    assert any("other training data" in line for line in logs)
+    fresh = defend(b, cfg, tmp_path / "fresh", guide=LabelGuide(tiny.train.labels), log=lambda s: None)
+    assert m["sizes"] == fresh["sizes"] and m["unlearn_history"] == fresh["unlearn_history"]
+
+
+def test_a_snapshot_of_another_network_is_refused(tmp_path, tiny, capsys):
+    from cgd import models
+
+    data = write_npz(tmp_path / "d.npz", tiny.train, tiny.test)
+    for name, widths in (("m", [8, 16, 16]), ("snap", [8, 16, 32])):
+        models.save_model(models.get("fastnet", num_classes=4, widths=widths, stem=8), tmp_path / f"{name}.safetensors",
+                          input_size=(16, 16), class_names=list(NAMES))
+    code = cli.main(["defend", "--data", str(data), "--out", str(tmp_path / "run"), "--model",
+                     str(tmp_path / "m.safetensors"), "--snapshot", str(tmp_path / "snap.safetensors")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err[-1].startswith("cgd defend: error: snapshot ") and "give the snapshot of that model" \
+        in err[-1], err

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -173,6 +175,19 @@ OUTPUTS = ("config.toml", "scores.csv", "split.json", "entropy_map.png", "defend
 MIN_PER_CLASS = 10  # fewer training samples in a class leave the split's percentile ranks nothing to rank
 
 
+def data_fingerprint(train_set: ImageSet) -> str:
+    """SHA-256 of the images, labels and class names: what the intermediate results of a run belong to."""
+    h = hashlib.sha256(np.ascontiguousarray(train_set.images).data)
+    h.update(np.ascontiguousarray(train_set.labels, dtype=np.int64).data)
+    h.update("\n".join(train_set.class_names).encode())
+    return h.hexdigest()
+
+
+def _same_data(work: Path, fingerprint: str) -> bool:
+    stamp = work / "data.sha256"
+    return stamp.is_file() and stamp.read_text().strip() == fingerprint
+
+
 def preflight(train_set: ImageSet, scfg: dict, victim: tuple[str, TrainConfig] | None) -> None:
     """Everything about the training set that can be checked before any work, with what the user must change.
     `victim`: the architecture and recipe of a victim to be trained here (None: the user gives the model)."""
@@ -224,11 +239,18 @@ def defend(train_set: ImageSet, cfg: dict, run_dir: Path, *, guide=None, model_p
     if guide is None:
         guide = guides.get(cfg["guide"]["name"], **cfg["guide"]["params"])
     cfg_text = dumps_toml(explicit(cfg))  # the recipe spelled out: a changed recipe is a new run
+    fingerprint = data_fingerprint(train_set)  # and other data at the same path too
+    work = run_dir / ".work"
     if (run_dir / "config.toml").is_file() and (run_dir / "config.toml").read_text() == cfg_text \
-            and all((run_dir / f).exists() for f in OUTPUTS):
-        log(f"{run_dir}: finished run with this config found; nothing to do")
+            and _same_data(work, fingerprint) and all((run_dir / f).exists() for f in OUTPUTS):
+        log(f"{run_dir}: finished run with this config and data found; nothing to do")
         return read_json(run_dir / "metrics.json")
-    work = prepare_dir(prepare_dir(run_dir, "run folder") / ".work", "run folder")
+    prepare_dir(prepare_dir(run_dir, "run folder") / ".work", "run folder")
+    if (work / "data.sha256").exists() and not _same_data(work, fingerprint):  # (unstamped: an older cgd's)
+        log(f"{run_dir}: intermediate results of other training data found: starting over")
+        for p in work.iterdir():
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    atomic_write_text(work / "data.sha256", fingerprint + "\n")
     atomic_write_text(work / "config.toml", cfg_text)
     labels, names, k = train_set.labels, train_set.class_names, train_set.num_classes
     timings: dict[str, float] = {}
@@ -245,7 +267,14 @@ def defend(train_set: ImageSet, cfg: dict, run_dir: Path, *, guide=None, model_p
     else:
         model = models.load_model(model_path)
         arch = model.cgd_spec
-        snap = models.load_model(snapshot_path).state_dict() if snapshot_path else None
+        snap = None
+        if snapshot_path:
+            snap_model = models.load_model(snapshot_path)
+            mine, theirs = (m.cgd_spec for m in (model, snap_model))
+            if (mine["name"], mine["params"]) != (theirs["name"], theirs["params"]):
+                raise CGDError(f"snapshot {snapshot_path} is a {theirs['name']} {theirs['params']}, but model "
+                               f"{model_path} is a {mine['name']} {mine['params']}: give the snapshot of that model")
+            snap = snap_model.state_dict()
         victim = TrainResult(model, snap, np.zeros((0, len(labels)), np.float32))
         wanted = scfg["model_score"]
         if wanted.startswith("history:") or (wanted == "snapshot" and snap is None):
