@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from cgd import attacks, guides
@@ -23,9 +24,8 @@ from cgd.config import defaults, train_config
 from cgd.data import load_dataset
 from cgd.evaluate import ca_asr
 from cgd.io import write_json
-from cgd.pipeline import (guide_features, guide_logits, model_features, model_scores, resolve_model_score,
-                          score_and_split, train_victim)
-from cgd.split import auroc, detection_metrics, nll, percentile_rank
+from cgd.pipeline import guide_features, guide_logits, model_features, model_losses, train_victim
+from cgd.split import SplitConfig, auroc, detection_metrics, nll, percentile_rank, split_by
 from cgd.unlearn import recipe, unlearn
 
 ROOT = Path(__file__).resolve().parent
@@ -55,11 +55,10 @@ def split_table(attack: str) -> None:
     ds, ps, victim, g, arch, feats, _ = setup(attack)
     rows = {}
     for how in SCORES:
-        ms = model_scores(victim, arch, ps.train.images, ps.train.labels, how)
+        base = SplitConfig.from_dict({"model_score": how, "purify": 0})
+        ms = model_losses(victim, arch, ps.train.images, ps.train.labels, base)
         for rounds in (0, 1, 2):
-            scfg = {"sigma1": 0.2, "sigma2": 0.1, "refine": "probe" if rounds else "none", "refine_rounds": rounds,
-                    "purify": 0}
-            s, _ = score_and_split(ps.train.labels, g, ms, scfg, 10, feats)
+            s = split_by(replace(base, refine_rounds=rounds), ps.train.labels, g, ms, guide_features=feats())
             key = f"{how} probe x{rounds}"
             rows[key] = detection_metrics(ps.poison_mask, s)
             print(key, {k: round(v, 4) if isinstance(v, float) else v for k, v in rows[key].items()}, flush=True)
@@ -69,14 +68,13 @@ def split_table(attack: str) -> None:
 def purify_table(attack: str) -> None:
     """The cpu recipe's split with and without the neighbour purification of D_c, per probe round count."""
     ds, ps, victim, g, arch, feats, zfeats = setup(attack)
-    base = defaults()["split"]
-    how = resolve_model_score(base["model_score"], victim, nll(g, ps.train.labels), base["sigma2"])
-    ms = model_scores(victim, arch, ps.train.images, ps.train.labels, how)
+    base = SplitConfig()
+    ms = model_losses(victim, arch, ps.train.images, ps.train.labels, base)
     rows = {}
     for rounds in (0, 2):
         for keep in (0, 0.3, 0.5, 0.7):
-            scfg = dict(base, refine="probe" if rounds else "none", refine_rounds=rounds, purify=keep)
-            s, _ = score_and_split(ps.train.labels, g, ms, scfg, 10, feats, zfeats)
+            s = split_by(replace(base, refine_rounds=rounds, purify=keep), ps.train.labels, g, ms,
+                         guide_features=feats(), model_features=zfeats())
             key = f"probe x{rounds} purify {keep}"
             rows[key] = detection_metrics(ps.poison_mask, s)
             print(key, {k: round(v, 4) if isinstance(v, float) else v for k, v in rows[key].items()}, flush=True)
@@ -102,13 +100,14 @@ def window_table(attack: str) -> None:
 
 def unlearn_variant(attack: str, base: str, overrides: dict, model_score: str, name: str) -> None:
     ds, ps, victim, g, arch, feats, zfeats = setup(attack)
-    scfg = defaults()["split"]  # the cpu split: probe ×2, purified D_c
-    how = resolve_model_score(model_score, victim, nll(g, ps.train.labels), scfg["sigma2"])
-    ms = model_scores(victim, arch, ps.train.images, ps.train.labels, how)
-    s, g = score_and_split(ps.train.labels, g, ms, scfg, 10, feats, zfeats)
+    scfg = SplitConfig.from_dict(dict(defaults()["split"], model_score=model_score))  # the cpu split
+    ms = model_losses(victim, arch, ps.train.images, ps.train.labels, scfg)
+    s = split_by(scfg, ps.train.labels, g, ms, guide_features=feats(), model_features=zfeats())
+    g = s.guide_logits
     res = unlearn(victim.model, ps.train.images, ps.train.labels, s, g, recipe(base, **overrides), 10,
                   extra_eval=train_asr_probe(ps))
-    out = {"attack": attack, "recipe": base, "overrides": overrides, "model_score": model_score, "split": scfg,
+    out = {"attack": attack, "recipe": base, "overrides": overrides, "model_score": s.info["model_score"],
+           "split": scfg.to_dict(),
            "detection": detection_metrics(ps.poison_mask, s), "history": res.history,
            "stopped_early": res.stopped_early, "unlearn_s": res.seconds,
            "test_before": ca_asr(victim.model, ps, ds.test), "test_after": ca_asr(res.model, ps, ds.test),

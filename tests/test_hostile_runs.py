@@ -65,7 +65,8 @@ def test_too_few_samples_for_the_neighbours_names_the_setting(tmp_path, tiny):
     ("split.sigma2='a lot'", "split.sigma2 must be a number"),
     ("split.purify=-1", "split.purify must be a number in [0, 1]"),
     ("split.neighbours=2.5", "split.neighbours must be an integer"),
-    ("split.model_score='history:4-2'", "unknown split.model_score 'history:4-2'"),
+    ("split.model_score='history:4-2'", "split.model_score history:A-B needs epochs 1 ≤ A ≤ B; got (4, 2)"),
+    ("split.model_score='newest'", "unknown split.model_score 'newest'"),
     ("split.model_score='history:2-40'", "reaches past the victim's 12 epochs"),
 ])
 def test_bad_split_settings_are_refused_before_training(tmp_path, tiny, setting, needle, capsys):

@@ -62,7 +62,7 @@ def test_empty_clean_class_leaves_no_outputs(tiny, tmp_path):
 
     run = tmp_path / "run"
     with pytest.raises(CGDError, match=r"class\(es\) \[3\] have no training sample outside"):
-        defend(ps.train, tiny_cfg(**{"split.sigma1": 0.3, "split.sigma2": 0.3, "split.refine": "none"}), run, guide=Flagger(),
+        defend(ps.train, tiny_cfg(**{"split.sigma1": 0.3, "split.sigma2": 0.3, "split.refine_rounds": 0}), run, guide=Flagger(),
                log=lambda s: None)
     assert not any((run / f).exists() for f in OUTPUTS)
 

@@ -8,6 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import CGDError
+from .split import SplitConfig
 from .train import TrainConfig
 from .unlearn import RECIPES, UnlearnConfig
 
@@ -19,16 +20,15 @@ def defaults() -> dict:
         "attack": {"name": "badnets", "target": 0, "rate": 0.05, "params": {}},
         "victim": {"arch": "fastnet", "arch_params": {}, **asdict(TrainConfig())},
         "guide": {"name": "imagenet-text", "params": {}},
-        "split": {"sigma1": 0.2, "sigma2": 0.1, "min_clean_per_class": 5, **SPLIT_RECIPES["cpu"]},
+        "split": SplitConfig().to_dict(),
         "unlearn": {"recipe": "cpu", "overrides": {}},
     }
 
 
-# How each recipe scores samples for the split (the unlearning side is `unlearn.RECIPES`).
-SPLIT_RECIPES = {
-    "paper": {"model_score": "snapshot", "refine": "none", "refine_rounds": 0, "purify": 0.0, "neighbours": 20},
-    "cpu": {"model_score": "history:auto", "refine": "probe", "refine_rounds": 2, "purify": 0.7, "neighbours": 20},
-}
+# How each recipe scores samples for the split (the unlearning side is `unlearn.RECIPES`); `use_recipe` copies
+# these fields of it, leaving the σ's and the class floor as they are.
+SPLIT_RECIPES = {"cpu": SplitConfig(), "paper": SplitConfig.paper()}
+RECIPE_FIELDS = ("model_score", "refine_rounds", "purify", "neighbours")
 
 
 def use_recipe(cfg: dict, name: str) -> dict:
@@ -36,7 +36,8 @@ def use_recipe(cfg: dict, name: str) -> dict:
     if name not in SPLIT_RECIPES:
         raise CGDError(f"unknown recipe {name!r}; choose from {', '.join(SPLIT_RECIPES)}")
     out = copy.deepcopy(cfg)
-    out["split"].update(SPLIT_RECIPES[name])
+    recipe = SPLIT_RECIPES[name].to_dict()
+    out["split"].update({k: recipe[k] for k in RECIPE_FIELDS})
     out["unlearn"]["recipe"] = name
     return out
 
@@ -107,36 +108,9 @@ def train_config(cfg: dict) -> TrainConfig:
     return TrainConfig(**v)
 
 
-def split_config(cfg: dict) -> dict:
-    """`cfg["split"]`, checked field by field (so a bad value is refused before any training, not after)."""
-    sc = cfg["split"]
-
-    def number(key, lo, hi, kind=(int, float)):
-        v = sc[key]
-        if isinstance(v, bool) or not isinstance(v, kind) or not lo <= v <= hi:
-            what = "an integer" if kind is int else "a number"
-            raise CGDError(f"split.{key} must be {what} in [{lo}, {hi}]; got {v!r}")
-        return v
-
-    s1, s2 = number("sigma1", 0, 0.5), number("sigma2", 0, 0.5)
-    if not 0 < s2 <= s1 < 0.5:
-        raise CGDError(f"need 0 < split.sigma2 ≤ split.sigma1 < 0.5; got sigma1={s1}, sigma2={s2}")
-    number("purify", 0, 1)
-    number("neighbours", 1, 1000, int)
-    number("refine_rounds", 0, 10, int)
-    number("min_clean_per_class", 0, 1000, int)
-    if sc["refine"] not in ("probe", "none"):
-        raise CGDError(f"unknown split.refine {sc['refine']!r}: use 'probe' or 'none'")
-    ms = sc["model_score"]
-    if not isinstance(ms, str) or not (ms in ("snapshot", "final", "history:auto") or
-                                       _is_window(ms.removeprefix("history:")) and ms.startswith("history:")):
-        raise CGDError(f"unknown split.model_score {ms!r}: use snapshot, final, history:auto or history:A-B")
-    return sc
-
-
-def _is_window(text: str) -> bool:
-    a, _, b = text.partition("-")
-    return a.isdigit() and b.isdigit() and 1 <= int(a) <= int(b)
+def split_config(cfg: dict) -> SplitConfig:
+    """`cfg["split"]` as a checked `SplitConfig` (a bad value is refused here, before any training)."""
+    return SplitConfig.from_dict(cfg["split"])
 
 
 def unlearn_config(cfg: dict) -> UnlearnConfig:

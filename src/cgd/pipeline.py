@@ -6,7 +6,7 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +18,7 @@ from .config import dumps_toml, explicit, split_config, train_config, unlearn_co
 from .data import ImageSet
 from .evaluate import ca_asr, clean_accuracy
 from .io import atomic_write_text, load_arrays, prepare_dir, read_json, save_arrays, staged_outputs, write_json
-from .refine import probe_logits
-from .split import (detection_metrics, fill_clean_classes, history_window, nearest_neighbours,
-                    neighbour_poison_fraction, nll, purify, split)
+from .split import Split, SplitConfig, detection_metrics, nll, split_by
 from .train import TrainConfig, TrainResult, predict_logits, train
 from .unlearn import unlearn
 
@@ -59,37 +57,20 @@ def train_victim(images: np.ndarray, labels: np.ndarray, num_classes: int, confi
 
 # ------------------------------------------------------------------------------------------------ defend
 
-def resolve_model_score(how: str, victim: TrainResult, guide_nll: np.ndarray, sigma2: float) -> str:
-    """"history:auto" → "history:A-B" with the window `split.history_window` finds; other values unchanged."""
-    if how != "history:auto":
-        return how
-    a, b = history_window(victim.loss_history, guide_nll, sigma2)
-    return f"history:{a}-{b}"
-
-
-def model_scores(victim: TrainResult, arch_spec: dict, images: np.ndarray, labels: np.ndarray, how: str
+def model_losses(victim: TrainResult, arch_spec: dict, images: np.ndarray, labels: np.ndarray, scfg: SplitConfig
                  ) -> np.ndarray:
-    """Per-sample model NLL used by the split.
-
-    * "snapshot": NLL under the epoch-T snapshot (the paper);
-    * "final": NLL under the final model (for a user who has no snapshot);
-    * "history:A-B": mean recorded training loss over epochs A..B (1-based, inclusive) — free, no inference;
-    ("history:auto" is resolved by `resolve_model_score` first.)
-    """
-    if how.startswith("history:"):
-        a, b = (int(v) for v in how.split(":", 1)[1].split("-"))
-        if not 1 <= a <= b <= len(victim.loss_history):
-            raise CGDError(f"model_score {how!r}: epochs must lie in 1..{len(victim.loss_history)}")
-        return victim.loss_history[a - 1:b].mean(axis=0).astype(np.float64)
-    if how == "snapshot":
+    """What the split scores the suspicious model by (`split.find_poison`'s `model_losses`): the (epochs, N)
+    recorded training losses for "history" (free, no inference), else the per-sample NLL under the epoch-T
+    snapshot ("snapshot", the paper) or the final model ("final", for a user who has neither)."""
+    if scfg.model_score == "history":
+        return victim.loss_history
+    if scfg.model_score == "snapshot":
         if victim.snapshot is None:
             raise CGDError("model_score 'snapshot' needs the epoch-T snapshot; pass --snapshot or use 'final'")
         m = models.get(arch_spec["name"], **arch_spec["params"])
         m.load_state_dict(victim.snapshot)
-    elif how == "final":
-        m = victim.model
     else:
-        raise CGDError(f"unknown model_score {how!r}: use snapshot, final or history:A-B")
+        m = victim.model
     return nll(predict_logits(m, images, desc="model scores"), labels)
 
 
@@ -123,7 +104,7 @@ def guide_features(guide, images: np.ndarray, work: Path) -> np.ndarray:
     def compute():
         if not hasattr(guide, "features"):
             raise CGDError(f"guide {getattr(guide, 'id', guide)!r} has no image features: "
-                           "set split.refine = 'none'")
+                           "set split.refine_rounds = 0")
         f = np.asarray(guide.features(images), dtype=np.float32)
         if f.ndim != 2 or len(f) != len(images) or not np.isfinite(f).all():
             raise CGDError(f"guide features must be finite and (N, D); got shape {f.shape}")
@@ -136,38 +117,6 @@ def model_features(model, images: np.ndarray, work: Path) -> np.ndarray:
     """The suspicious model's penultimate features of every training image (for the neighbour purification)."""
     return _in_work(work / "model_features.safetensors", len(images),
                     lambda: predict_logits(model, images, desc="model features", features=True))
-
-
-def score_and_split(labels: np.ndarray, g: np.ndarray, model_nll: np.ndarray, scfg: dict, num_classes: int,
-                    features=None, model_features=None, seed: int = 0):
-    """The split from guide logits and model NLL, with the cpu recipe's two additions (docs/benchmarks.md):
-
-    * `purify = q` (0 < q < 1) keeps in D_c, per class, the share q trusted most (see `split.purify`), using the
-      suspicious model's features (`model_features()`) to find D_c samples that sit among D_p;
-    * `refine = "probe"` sharpens the guide by a linear probe on its own features (`features()`), fitted on the
-      current D_c (out of fold), `refine_rounds` times, re-splitting after each;
-    * `min_clean_per_class = m` tops every class up to m samples in D_c from its most trusted mixed ones
-      (`split.fill_clean_classes`; it moves nothing unless a class nearly drops out of D_c, as on small data).
-    Returns (split, guide logits)."""
-    keep = scfg.get("purify", 0)
-    if scfg.get("refine", "none") not in ("probe", "none"):
-        raise CGDError(f"unknown split.refine {scfg['refine']!r}: use 'probe' or 'none'")
-    if not 0 <= keep <= 1:
-        raise CGDError(f"split.purify must be 0 (off) or a share in (0, 1]; got {keep}")
-    near = nearest_neighbours(model_features(), scfg.get("neighbours", 20)) if keep else None
-
-    def one_split(guide):
-        s = split(nll(guide, labels), model_nll, scfg["sigma1"], scfg["sigma2"])
-        if keep:
-            s = purify(s, neighbour_poison_fraction(near, labels, s.poison), labels, keep)
-        return fill_clean_classes(s, labels, num_classes, scfg.get("min_clean_per_class", 0))
-
-    s = one_split(g)
-    rounds = scfg.get("refine_rounds", 1) if scfg.get("refine", "none") == "probe" else 0
-    for _ in range(rounds):
-        g = probe_logits(features(), labels, s.clean, num_classes, seed=seed)
-        s = one_split(g)
-    return s, g
 
 
 OUTPUTS = ("config.toml", "scores.csv", "split.json", "entropy_map.png", "defended.safetensors",
@@ -188,7 +137,7 @@ def _same_data(work: Path, fingerprint: str) -> bool:
     return stamp.is_file() and stamp.read_text().strip() == fingerprint
 
 
-def preflight(train_set: ImageSet, scfg: dict, victim: tuple[str, TrainConfig] | None) -> None:
+def preflight(train_set: ImageSet, scfg: SplitConfig, victim: tuple[str, TrainConfig] | None) -> None:
     """Everything about the training set that can be checked before any work, with what the user must change.
     `victim`: the architecture and recipe of a victim to be trained here (None: the user gives the model)."""
     n, names = len(train_set), train_set.class_names
@@ -204,8 +153,8 @@ def preflight(train_set: ImageSet, scfg: dict, victim: tuple[str, TrainConfig] |
     if few:
         raise CGDError(f"too few training samples in class(es) {few}: the split needs at least {MIN_PER_CLASS} "
                        "per class named in class_names; add images or leave those classes out of the data")
-    if scfg["purify"] and n <= scfg["neighbours"]:
-        raise CGDError(f"split.neighbours={scfg['neighbours']} needs more than {scfg['neighbours']} training "
+    if scfg.purify and n <= scfg.neighbours:
+        raise CGDError(f"split.neighbours={scfg.neighbours} needs more than {scfg.neighbours} training "
                        f"samples; got {n}: lower split.neighbours or set split.purify=0")
     if victim is None:
         return
@@ -214,9 +163,9 @@ def preflight(train_set: ImageSet, scfg: dict, victim: tuple[str, TrainConfig] |
     if min(h, w) < smallest:
         raise CGDError(f"the training images are {h}x{w} px but the victim network {arch} (victim.arch) needs at "
                        f"least {smallest}x{smallest} px; upscale the images")
-    ms = scfg["model_score"]
-    if ms.startswith("history:") and ms != "history:auto" and int(ms.rsplit("-", 1)[1]) > tcfg.epochs:
-        raise CGDError(f"split.model_score {ms!r} reaches past the victim's {tcfg.epochs} epochs (victim.epochs)")
+    if scfg.window is not None and scfg.window[1] > tcfg.epochs:
+        raise CGDError(f"split.model_score {scfg.score_spec!r} reaches past the victim's {tcfg.epochs} epochs "
+                       "(victim.epochs)")
 
 
 def defend(train_set: ImageSet, cfg: dict, run_dir: Path, *, guide=None, model_path: Path | None = None,
@@ -227,7 +176,6 @@ def defend(train_set: ImageSet, cfg: dict, run_dir: Path, *, guide=None, model_p
     `run_dir/.work` so an interrupted run resumes; the outputs appear only once everything succeeded.
     A `victim` already trained on `train_set` (with the config's recipe) may be passed in to be shared."""
     from . import guides
-    from .report import entropy_map_png, scores_csv
 
     run_dir = Path(run_dir)
     ucfg = unlearn_config(cfg)  # validate everything cheap before touching the disk
@@ -255,78 +203,84 @@ def defend(train_set: ImageSet, cfg: dict, run_dir: Path, *, guide=None, model_p
     labels, names, k = train_set.labels, train_set.class_names, train_set.num_classes
     timings: dict[str, float] = {}
 
-    if model_path is None:
-        arch = {"name": cfg["victim"]["arch"], "params": dict(cfg["victim"]["arch_params"], num_classes=k)}
-    if victim is not None:
-        timings["victim_train_s"] = victim.seconds
-    elif model_path is None:
+    if victim is None and model_path is None:
         log("training the victim model (kept: epoch-T snapshot and per-sample losses)")
         victim = train_victim(train_set.images, labels, k, tcfg, work / "victim", cfg["victim"]["arch"],
                               cfg["victim"]["arch_params"], class_names=names)
+    if victim is not None:
+        arch = {"name": cfg["victim"]["arch"], "params": dict(cfg["victim"]["arch_params"], num_classes=k)}
         timings["victim_train_s"] = victim.seconds
     else:
-        model = models.load_model(model_path)
-        arch = model.cgd_spec
-        snap = None
-        if snapshot_path:
-            snap_model = models.load_model(snapshot_path)
-            mine, theirs = (m.cgd_spec for m in (model, snap_model))
-            if (mine["name"], mine["params"]) != (theirs["name"], theirs["params"]):
-                raise CGDError(f"snapshot {snapshot_path} is a {theirs['name']} {theirs['params']}, but model "
-                               f"{model_path} is a {mine['name']} {mine['params']}: give the snapshot of that model")
-            snap = snap_model.state_dict()
-        victim = TrainResult(model, snap, np.zeros((0, len(labels)), np.float32))
-        wanted = scfg["model_score"]
-        if wanted.startswith("history:") or (wanted == "snapshot" and snap is None):
-            fallback = "snapshot" if snap is not None else "final"
-            log(f"a given model has no training-loss history{'' if snap is not None else ' or snapshot'}: "
-                f"scoring with the {fallback} model instead of {wanted!r}")
-            scfg = dict(scfg, model_score=fallback)
-    if model_path is not None:
-        models.check_compatible(victim.model, train_set, f"model {model_path}", "the training data", log=log)
+        victim, scfg = given_victim(model_path, snapshot_path, train_set, scfg, log)
+        arch = victim.model.cgd_spec
 
     t = time.perf_counter()
     log(f"scoring {len(labels)} samples with guide {getattr(guide, 'id', type(guide).__name__)}")
     g = guide_logits(guide, train_set.images, names, work)
     timings["guide_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    how = resolve_model_score(scfg["model_score"], victim, nll(g, labels), scfg["sigma2"])
-    if how != scfg["model_score"]:
-        log(f"model score {scfg['model_score']}: {how}")
-    model_nll = model_scores(victim, arch, train_set.images, labels, how)
+    losses = model_losses(victim, arch, train_set.images, labels, scfg)
     timings["split_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    s, g = score_and_split(labels, g, model_nll, scfg, k, lambda: guide_features(guide, train_set.images, work),
-                           lambda: model_features(victim.model, train_set.images, work), seed=cfg["seed"])
+    s = split_by(scfg, labels, g, losses, seed=cfg["seed"],
+                 guide_features=guide_features(guide, train_set.images, work) if scfg.refine_rounds else None,
+                 model_features=model_features(victim.model, train_set.images, work) if scfg.purify else None)
     timings["refine_split_s"] = time.perf_counter() - t
-    log(f"split: {s.sizes()}")
-    det = detection_metrics(poison_mask, s) if poison_mask is not None else {}
+    how = s.info["model_score"] if scfg.model_score == "history" else scfg.model_score
+    log(f"model score {how}; split: {s.sizes()}")
 
-    res = unlearn(victim.model, train_set.images, labels, s, g, ucfg, k, extra_eval=extra_eval)
+    res = unlearn(victim.model, train_set.images, labels, s, s.guide_logits, ucfg, k, extra_eval=extra_eval)
     timings["unlearn_s"] = res.seconds
-    metrics = {"sizes": s.sizes(), "model_score": how, "detection": det, "timings": timings,
+    metrics = {"sizes": s.sizes(), "model_score": how, "timings": timings,
+               "detection": detection_metrics(poison_mask, s) if poison_mask is not None else {},
                "unlearn_history": res.history, "stopped_early": res.stopped_early}
-    if poisoned is not None and test is not None:
-        metrics["before"] = ca_asr(victim.model, poisoned, test)
-        metrics["after"] = ca_asr(res.model, poisoned, test)
-    elif test is not None:
-        metrics["before"] = {"ca": clean_accuracy(victim.model, test)}
-        metrics["after"] = {"ca": clean_accuracy(res.model, test)}
+    if test is not None:
+        metrics["before"], metrics["after"] = (ca_asr(m, poisoned, test) if poisoned is not None else
+                                               {"ca": clean_accuracy(m, test)} for m in (victim.model, res.model))
+    write_outputs(run_dir, work, cfg_text, s, metrics, res.model, train_set, poison_mask, scfg, report_cfg=cfg)
+    return metrics
 
-    # Everything succeeded: stage the outputs, then move them into place together (metrics.json last).
+
+def given_victim(model_path: Path, snapshot_path: Path | None, train_set: ImageSet, scfg: SplitConfig, log
+                 ) -> tuple[TrainResult, SplitConfig]:
+    """The user's suspicious model (and its snapshot), checked against the data; without a training-loss history
+    (or a snapshot) the split falls back to scoring with the snapshot (or the final model)."""
+    model = models.load_model(model_path)
+    snap = None
+    if snapshot_path:
+        snap_model = models.load_model(snapshot_path)
+        mine, theirs = (m.cgd_spec for m in (model, snap_model))
+        if (mine["name"], mine["params"]) != (theirs["name"], theirs["params"]):
+            raise CGDError(f"snapshot {snapshot_path} is a {theirs['name']} {theirs['params']}, but model "
+                           f"{model_path} is a {mine['name']} {mine['params']}: give the snapshot of that model")
+        snap = snap_model.state_dict()
+    models.check_compatible(model, train_set, f"model {model_path}", "the training data", log=log)
+    if scfg.model_score == "history" or (scfg.model_score == "snapshot" and snap is None):
+        fallback = "snapshot" if snap is not None else "final"
+        log(f"a given model has no training-loss history{'' if snap is not None else ' or snapshot'}: "
+            f"scoring with the {fallback} model instead of {scfg.score_spec!r}")
+        scfg = replace(scfg, model_score=fallback, window=None)
+    return TrainResult(model, snap, np.zeros((0, len(train_set)), np.float32)), scfg
+
+
+def write_outputs(run_dir: Path, work: Path, cfg_text: str, s: Split, metrics: dict, defended, train_set: ImageSet,
+                  poison_mask, scfg: SplitConfig, report_cfg: dict) -> None:
+    """Everything succeeded: stage the outputs in `work`, then move them into `run_dir` together (metrics.json
+    last)."""
+    from .report import entropy_map_png, scores_csv
+
     with staged_outputs(run_dir, stage_in=work) as out:
         atomic_write_text(out / "config.toml", cfg_text)
-        scores_csv(s, labels, poison_mask, out / "scores.csv")
-        write_json(out / "split.json", {"sigma1": scfg["sigma1"], "sigma2": scfg["sigma2"],
-                                        "model_score": how, "sizes": s.sizes(),
+        scores_csv(s, train_set.labels, poison_mask, out / "scores.csv")
+        write_json(out / "split.json", {"sigma1": scfg.sigma1, "sigma2": scfg.sigma2,
+                                        "model_score": metrics["model_score"], "sizes": s.sizes(),
                                         "clean": s.clean, "poison": s.poison, "mixed": s.mixed})
         entropy_map_png(s, poison_mask, out / "entropy_map.png", title=f"{run_dir.parent.name}/{run_dir.name}",
-                        sigma1=scfg["sigma1"], sigma2=scfg["sigma2"])
-        models.save_model(res.model, out / "defended.safetensors", input_size=train_set.images.shape[1:3],
-                          class_names=names, defended_by="cgd", recipe=cfg["unlearn"])
-        atomic_write_text(out / "report.md", run_report(run_dir.name, cfg, metrics))
+                        sigma1=scfg.sigma1, sigma2=scfg.sigma2)
+        models.save_model(defended, out / "defended.safetensors", input_size=train_set.images.shape[1:3],
+                          class_names=train_set.class_names, defended_by="cgd", recipe=report_cfg["unlearn"])
+        atomic_write_text(out / "report.md", run_report(run_dir.name, report_cfg, metrics))
         write_json(out / "metrics.json", metrics)
-    return metrics
 
 
 def run_report(name: str, cfg: dict, m: dict) -> str:

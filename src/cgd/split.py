@@ -14,12 +14,91 @@ space lie in D_p (a trigger makes poisoned samples cluster there, so poison that
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
 
 from . import CGDError
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """How CGD scores and splits a training set. The defaults are the cpu recipe (docs/benchmarks.md);
+    `SplitConfig.paper()` is the paper's §4.1 split."""
+
+    sigma1: float = 0.2  # D_c: guide rank ≤ 1 − σ1 and model rank ≥ σ1
+    sigma2: float = 0.1  # D_p: guide rank > 1 − σ2 or model rank < σ2
+    model_score: str = "history"  # "history": mean recorded training loss over `window`; "snapshot": NLL under
+    # the epoch-T snapshot (the paper); "final": NLL under the final model
+    window: tuple[int, int] | None = None  # epochs A..B (1-based, inclusive) of the loss history; None: chosen by
+    # `history_window`
+    refine_rounds: int = 2  # times the guide is sharpened by a linear probe on its own features (0: zero-shot)
+    purify: float = 0.7  # share of each class's D_c kept by the neighbour purification (0: off)
+    neighbours: int = 20  # neighbours in the suspicious model's feature space, for the purification
+    min_clean_per_class: int = 5  # `fill_clean_classes`: every class keeps at least this many samples in D_c
+
+    def __post_init__(self):
+        def number(name, lo, hi, integer=False):
+            v = getattr(self, name)
+            kind = int if integer else (int, float)
+            if isinstance(v, bool) or not isinstance(v, kind) or not lo <= v <= hi:
+                raise CGDError(f"split.{name} must be {'an integer' if integer else 'a number'} in [{lo}, {hi}]; "
+                               f"got {v!r}")
+
+        number("sigma1", 0, 0.5)
+        number("sigma2", 0, 0.5)
+        if not 0 < self.sigma2 <= self.sigma1 < 0.5:
+            raise CGDError(f"need 0 < split.sigma2 ≤ split.sigma1 < 0.5; got sigma1={self.sigma1}, "
+                           f"sigma2={self.sigma2}")
+        number("purify", 0, 1)
+        number("neighbours", 1, 1000, integer=True)
+        number("refine_rounds", 0, 10, integer=True)
+        number("min_clean_per_class", 0, 1000, integer=True)
+        if self.model_score not in ("history", "snapshot", "final"):
+            raise CGDError(f"unknown split.model_score {self.model_score!r}: use snapshot, final, history:auto or "
+                           "history:A-B")
+        w = self.window
+        if w is not None and not (isinstance(w, tuple) and len(w) == 2 and all(type(e) is int for e in w)
+                                  and 1 <= w[0] <= w[1]):
+            raise CGDError(f"split.model_score history:A-B needs epochs 1 ≤ A ≤ B; got {w!r}")
+
+    @classmethod
+    def paper(cls, **changes) -> "SplitConfig":
+        return cls(model_score="snapshot", refine_rounds=0, purify=0.0, **changes)
+
+    @property
+    def score_spec(self) -> str:
+        """The model score as written in config files and results: "history:2-4", "history:auto", "snapshot"."""
+        if self.model_score != "history":
+            return self.model_score
+        return "history:" + ("auto" if self.window is None else f"{self.window[0]}-{self.window[1]}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SplitConfig":
+        """From a config file's `[split]` table, where the model score is one string (see `score_spec`)."""
+        known = {f.name for f in fields(cls)} - {"window"}
+        unknown = set(d) - known
+        if unknown:
+            raise CGDError(f"unknown split setting(s) {sorted(unknown)}; known: {', '.join(sorted(known))}")
+        d = dict(d)
+        spec = d.pop("model_score", "history:auto")
+        window = None
+        if isinstance(spec, str) and spec.startswith("history:"):
+            a, _, b = spec.removeprefix("history:").partition("-")
+            if spec != "history:auto" and not (a.isdigit() and b.isdigit()):
+                raise CGDError(f"unknown split.model_score {spec!r}: use snapshot, final, history:auto or "
+                               "history:A-B")
+            window = None if spec == "history:auto" else (int(a), int(b))
+            spec = "history"
+        elif spec == "history":
+            raise CGDError("split.model_score 'history' needs its window: history:auto or history:A-B")
+        return cls(model_score=spec, window=window, **d)
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "window"}
+        d["model_score"] = self.score_spec
+        return d
 
 
 @dataclass(frozen=True)
@@ -31,6 +110,8 @@ class Split:
     model_nll: np.ndarray
     guide_rank: np.ndarray
     model_rank: np.ndarray
+    guide_logits: np.ndarray | None = None  # (find_poison) the guide's logits the split ended with (probe-refined)
+    info: dict = field(default_factory=dict)  # (find_poison) what was run: model score, rounds, skipped steps
 
     def subset_names(self) -> np.ndarray:
         names = np.full(len(self.guide_nll), "mixed", dtype=object)
@@ -243,3 +324,114 @@ def detection_metrics(poison_mask: np.ndarray, s: Split) -> dict[str, float]:
         "auroc_combined": auroc(np.maximum(s.guide_rank, 1 - s.model_rank), p),
         **{f"n_{k}": v for k, v in s.sizes().items()},
     }
+
+
+# ------------------------------------------------------------------------------------------- the public entry
+
+def find_poison(labels, guide_logits, model_losses, *, guide_features=None, model_features=None,
+                recipe: str = "cpu", sigma1: float = 0.2, sigma2: float = 0.1, window="auto",
+                refine_rounds: int | None = None, purify: float | None = None, neighbours: int = 20,
+                min_clean_per_class: int = 5, seed: int = 0) -> Split:
+    """Split a training set into clean (D_c), poisoned (D_p) and mixed samples from arrays alone — the split
+    `cgd defend` runs, with no disk and no model.
+
+    Parameters
+    ----------
+    labels : array of int, shape (N,)
+        The given (possibly poisoned) label of every training sample, in 0..C-1.
+    guide_logits : array of float, shape (N, C)
+        A clean guide's zero-shot logits (or log-probabilities) for every sample.
+    model_losses : array of float, shape (epochs, N) or (N,)
+        The suspicious model's per-sample training loss recorded every epoch (see `cgd.LossRecorder`), or one
+        NLL per sample (e.g. under the epoch-T snapshot). With a history, the model score is its mean over
+        `window`; with one NLL, that NLL is the score and `window` is unused.
+    guide_features : array of float, shape (N, D), optional
+        The guide's image features, for the probe refinement. Without them the zero-shot guide is used.
+    model_features : array of float, shape (N, D'), optional
+        The suspicious model's penultimate features, for the neighbour purification of D_c. Without them D_c is
+        not purified.
+    recipe : {"cpu", "paper"}, default "cpu"
+        "cpu": probe refinement, neighbour purification, loss-window model score (docs/benchmarks.md);
+        "paper": the paper's two-score split (§4.1), nothing else.
+    sigma1, sigma2 : float, default 0.2 and 0.1
+        The split's percentile thresholds: D_c = {guide rank ≤ 1 − sigma1 and model rank ≥ sigma1},
+        D_p = {guide rank > 1 − sigma2 or model rank < sigma2}; need 0 < sigma2 ≤ sigma1 < 0.5.
+    window : "auto" or (int, int), default "auto"
+        Epochs A..B (1-based, inclusive) of the loss history to average; "auto" chooses them with
+        `history_window` from where the guide-suspicious samples are learned fastest.
+    refine_rounds : int, optional
+        Probe refinements of the guide (default: 2 for "cpu", 0 for "paper").
+    purify : float, optional
+        Share of each class's D_c kept by the neighbour purification, 0 for off (default: 0.7 for "cpu",
+        0 for "paper").
+    neighbours : int, default 20
+        Nearest neighbours searched in `model_features` for the purification.
+    min_clean_per_class : int, default 5
+        Every class keeps at least this many samples in D_c (`fill_clean_classes`).
+    seed : int, default 0
+        Seeds the probe's folds.
+
+    Returns
+    -------
+    Split
+        Index arrays `clean`, `poison`, `mixed`; per-sample `guide_nll`, `model_nll` and their ranks;
+        `guide_logits`, the (refined) guide logits the split ended with (unlearning distils them); and `info`,
+        which says what ran: the model score used, the probe rounds, and each recipe step skipped for want of
+        an input.
+    """
+    if recipe not in ("cpu", "paper"):
+        raise CGDError(f"unknown recipe {recipe!r}: use 'cpu' or 'paper'")
+    base = SplitConfig() if recipe == "cpu" else SplitConfig.paper()
+    config = replace(base, sigma1=sigma1, sigma2=sigma2, neighbours=neighbours,
+                     min_clean_per_class=min_clean_per_class,
+                     window=None if isinstance(window, str) and window == "auto" else tuple(window),
+                     **{k: v for k, v in (("refine_rounds", refine_rounds), ("purify", purify)) if v is not None})
+    return split_by(config, labels, guide_logits, model_losses, guide_features=guide_features,
+                    model_features=model_features, seed=seed)
+
+
+def split_by(config: SplitConfig, labels, guide_logits, model_losses, *, guide_features=None,
+             model_features=None, seed: int = 0) -> Split:
+    """`find_poison` with its options as a `SplitConfig` (what the pipeline calls). Steps whose input is missing
+    are skipped and listed in `info["skipped"]`."""
+    from .refine import probe_logits
+
+    labels = np.asarray(labels)
+    g = np.asarray(guide_logits, dtype=np.float32)
+    if g.ndim != 2 or len(g) != len(labels):
+        raise CGDError(f"guide_logits must be (N, C) with N = {len(labels)} labels; got shape {g.shape}")
+    num_classes = g.shape[1]
+    losses = np.asarray(model_losses, dtype=np.float64)
+    info: dict = {"skipped": []}
+    if losses.ndim == 2:
+        a, b = config.window or history_window(losses, nll(g, labels), config.sigma2)
+        if not 1 <= a <= b <= len(losses):
+            raise CGDError(f"model score window {a}-{b}: epochs must lie in 1..{len(losses)}")
+        model_nll = losses[a - 1:b].mean(axis=0)
+        info["model_score"] = f"history:{a}-{b}"
+    elif losses.ndim == 1 and len(losses) == len(labels):
+        model_nll = losses
+        info["model_score"] = "given NLL"
+    else:
+        raise CGDError(f"model_losses must be (epochs, N) or (N,) with N = {len(labels)}; got shape {losses.shape}")
+    rounds, keep = config.refine_rounds, config.purify
+    if rounds and guide_features is None:
+        info["skipped"].append(f"probe refinement ({rounds} rounds): no guide_features")
+        rounds = 0
+    if keep and model_features is None:
+        info["skipped"].append("neighbour purification: no model_features")
+        keep = 0
+    near = nearest_neighbours(model_features, config.neighbours) if keep else None
+
+    def one_split(logits):
+        s = split(nll(logits, labels), model_nll, config.sigma1, config.sigma2)
+        if keep:
+            s = purify(s, neighbour_poison_fraction(near, labels, s.poison), labels, keep)
+        return fill_clean_classes(s, labels, num_classes, config.min_clean_per_class)
+
+    s = one_split(g)
+    for _ in range(rounds):
+        g = probe_logits(guide_features, labels, s.clean, num_classes, seed=seed)
+        s = one_split(g)
+    info.update(refine_rounds=rounds, purify=keep)
+    return replace(s, guide_logits=g, info=info)

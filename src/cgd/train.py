@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import CGDError
 from .io import atomic_write_bytes, atomic_write_text
 from .progress import progress
 
@@ -49,6 +50,55 @@ class TrainResult:
     @property
     def seconds(self) -> float:
         return float(sum(self.epoch_seconds))
+
+
+class LossRecorder:
+    """Per-sample training losses of a training loop of your own, epoch by epoch — the (epochs, N) history
+    `cgd.find_poison` scores the model by. Two lines in the loop::
+
+        recorder = LossRecorder(len(train_set))
+        for epoch in range(epochs):
+            for indices, x, y in loader:                     # indices: the samples' positions in the training set
+                losses = F.cross_entropy(model(x), y, reduction="none")
+                recorder.update(indices, losses)             # before .mean().backward()
+        history = recorder.history
+
+    An epoch ends when a sample comes round again (or at `end_epoch()`). Without a history, `find_poison` takes
+    one NLL per sample (e.g. under an early snapshot) and loses the loss-window model score, which is what
+    catches the clean-label attacks a zero-shot guide cannot see (docs/benchmarks.md)."""
+
+    def __init__(self, n_samples: int):
+        self.n = int(n_samples)
+        self._epochs: list[np.ndarray] = []
+        self._current = np.full(self.n, np.nan, np.float32)
+
+    def update(self, indices, losses) -> None:
+        idx = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices, dtype=np.int64).ravel()
+        val = losses.detach().float().cpu().numpy() if isinstance(losses, torch.Tensor) else np.asarray(losses)
+        val = np.asarray(val, np.float32).ravel()
+        if len(idx) != len(val) or (len(idx) and (idx.min() < 0 or idx.max() >= self.n)):
+            raise CGDError(f"update needs one loss per index, indices in 0..{self.n - 1}; got {len(idx)} indices "
+                           f"and {len(val)} losses")
+        if (~np.isnan(self._current[idx])).any():
+            self.end_epoch()
+        self._current[idx] = val
+
+    def end_epoch(self) -> None:
+        if not np.isnan(self._current).all():
+            self._epochs.append(self._current)
+            self._current = np.full(self.n, np.nan, np.float32)
+
+    @property
+    def history(self) -> np.ndarray:
+        """(epochs, N) float32, the current epoch included once every sample has a loss in it."""
+        rows = self._epochs + ([self._current] if not np.isnan(self._current).any() else [])
+        h = np.stack(rows) if rows else np.zeros((0, self.n), np.float32)
+        missing = np.isnan(h).any(axis=1)
+        if missing.any():
+            e = int(np.flatnonzero(missing)[0]) + 1
+            raise CGDError(f"epoch {e} has no loss for {int(np.isnan(h[e - 1]).sum())} samples (a loader with "
+                           "drop_last, or a subset?): every sample needs a loss every epoch")
+        return h
 
 
 def to_input(images: torch.Tensor | np.ndarray) -> torch.Tensor:
