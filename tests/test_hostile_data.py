@@ -3,6 +3,7 @@ one clear `CGDError` line, bounded in memory, and never extracted to disk."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import pickle
@@ -203,10 +204,10 @@ def test_npz_zip_bomb_is_refused_from_the_directory(tmp_path):
 
 def test_npz_member_longer_than_declared_is_read_only_as_declared(tmp_path):
     """A stream that decompresses past its declared size is cut at the declared size (zipfile's bound, kept)."""
-    members = []
-    for name, _, size, crc in _valid_members():
-        payload = zipfile.ZipFile(io.BytesIO(_npz_bytes())).read(name)
-        members.append((name, _deflate_zeros(payload, 64), size, crc))
+    with zipfile.ZipFile(io.BytesIO(_npz_bytes())) as zf:
+        payloads = {info.filename: zf.read(info) for info in zf.infolist()}
+    members = [(name, _deflate_zeros(payload, 64), len(payload), zlib.crc32(payload))
+               for name, payload in payloads.items()]
     ds = load_dataset(_write(tmp_path / "long.npz", _raw_zip(members)))
     assert (ds.train.images == _arrays()["x_train"]).all()
 
@@ -385,9 +386,7 @@ def test_cifar_batch_file_size_is_capped(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------------ idx (Fashion-MNIST)
 
-def _idx_gz(path, dims, body: bytes) -> object:
-    import gzip
-
+def _idx_gz(path, dims, body: bytes):
     return _write(path, gzip.compress(bytes([0, 0, 8, len(dims)]) + b"".join(struct.pack(">I", d) for d in dims)
                                       + body))
 
@@ -407,7 +406,7 @@ def test_idx_corrupt_gzip_is_one_clear_error(tmp_path):
     with pytest.raises(CGDError, match="corrupt or truncated gzip"):
         data._read_idx(_write(tmp_path / "b.gz", raw[:-6]))
     with pytest.raises(CGDError, match="not a uint8 idx file"):
-        data._read_idx(_write(tmp_path / "c.gz", __import__("gzip").compress(b"\x00\x00\x0d\x01" + bytes(8))))
+        data._read_idx(_write(tmp_path / "c.gz", gzip.compress(b"\x00\x00\x0d\x01" + bytes(8))))
 
 
 # ------------------------------------------------------------------------------------------------ fuzz
