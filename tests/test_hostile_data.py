@@ -356,8 +356,27 @@ def test_official_archive_cve_2025_4517_writes_nothing(tmp_path):
     assert refused.type is CGDError and "not the official CIFAR-10 archive: missing" in str(refused.value)
 
 
+class _Encode:
+    """Pickles as `_codecs.encode(text, "latin1")`: many of them over one memoised text amplify the pickle."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def __reduce__(self):
+        import codecs
+
+        return codecs.encode, (self.text, "latin1")
+
+
+def _amplifying_batch() -> bytes:
+    text = "x" * MIB
+    return pickle.dumps({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0] * 4,
+                         b"pad": [_Encode(text) for _ in range(10)]}, protocol=2)
+
+
 @pytest.mark.parametrize("payload, message", [
     (b"\x8e" + struct.pack("<Q", 1 << 40) + b"xx.", "truncated pickle"),  # BINBYTES8 declaring 1 TiB
+    (_amplifying_batch(), "the pickle builds more data than it holds"),
     (pickle.dumps({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0] * 4, b"pad": list(range(300_000))}),
      "more than 200000 pickle opcodes"),
     (b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nJ\x00\x00\x00\x40\x85U\x01b\x87R.",
