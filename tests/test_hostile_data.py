@@ -403,6 +403,27 @@ def test_cifar_batch_file_size_is_capped(tmp_path, monkeypatch):
         load_dataset(root)
 
 
+def test_fetch_reads_a_bounded_response(monkeypatch):
+    class Endless:
+        """A server that never stops sending."""
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def read(self, n=-1):
+            assert 0 <= n <= 512 * MIB, f"unbounded read({n}) of an endless response"
+            return b"x" * n
+
+    monkeypatch.setattr(data, "MAX_DOWNLOAD_BYTES", 1000, raising=False)
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda *a, **k: Endless())
+    with pytest.raises(CGDError, match="sent more than 1000 bytes"):
+        data.fetch_cifar10()
+    assert not list((data.cache_dir("downloads")).iterdir())
+
+
 # ------------------------------------------------------------------------------------------------ idx (Fashion-MNIST)
 
 def _idx_gz(path, dims, body: bytes):

@@ -54,6 +54,8 @@ MAX_ARCHIVE_MEMBERS = 250_000
 MAX_PICKLE_OPS = 200_000
 # Class names of an .npz: ImageNet has 1,000 classes.
 MAX_CLASSES = 10_000
+# The CIFAR-10 download: the official archive is 170 MB; a server sending more is not sending it.
+MAX_DOWNLOAD_BYTES = 256 << 20
 READ_CHUNK = 16 << 20  # large arrays are read into their final buffer in chunks of this size
 
 
@@ -585,10 +587,12 @@ def fetch_cifar10(timeout: float = 30.0) -> Path:
         return dest
     try:
         with urllib.request.urlopen(CIFAR10_URL, timeout=timeout) as r:
-            data = r.read()
+            data = r.read(MAX_DOWNLOAD_BYTES + 1)
     except OSError as e:
         raise CGDError(f"could not download {CIFAR10_URL}: {e}. Without internet, copy the archive or the JPEG "
                        "tarball by hand and pass --data PATH (or set CGD_DATA).") from None
+    if len(data) > MAX_DOWNLOAD_BYTES:
+        raise CGDError(f"{CIFAR10_URL} sent more than {MAX_DOWNLOAD_BYTES} bytes; not the CIFAR-10 archive, not saved")
     digest = hashlib.sha256(data).hexdigest()
     if digest != CIFAR10_SHA256:
         raise CGDError(f"downloaded CIFAR-10 has sha256 {digest}, expected {CIFAR10_SHA256}; not saved")
