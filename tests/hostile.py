@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import resource
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -35,7 +36,13 @@ class Sandbox:
         return self.root / "work"
 
     def files(self) -> set[Path]:
-        return {p for p in self.root.rglob("*") if p.is_file() or p.is_symlink()}
+        """Files and links under `root`, links never followed (Path.rglob follows them: out of the sandbox, into
+        loops, or into paths past PATH_MAX that a hostile archive builds); `os.fwalk` walks by folder descriptor."""
+        out = set()
+        for top, dirs, names, fd in os.fwalk(self.root):
+            out.update(Path(top, n) for n in names)
+            out.update(Path(top, n) for n in dirs if stat.S_ISLNK(os.stat(n, dir_fd=fd, follow_symlinks=False).st_mode))
+        return out
 
 
 @dataclass

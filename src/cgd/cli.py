@@ -175,13 +175,21 @@ def cmd_attack(args) -> int:
     return 0
 
 
-def _npz_mask(spec: str):
+def _npz_mask(spec: str, n: int) -> np.ndarray | None:
+    """The `poison_mask` stored beside an .npz given as --data (one 0/1 per training image), if there is one."""
+    from .data import read_npz
+
     p = Path(spec)
-    if p.suffix == ".npz" and p.exists():
-        with np.load(p, allow_pickle=False) as z:
-            if "poison_mask" in z.files:
-                return z["poison_mask"].astype(bool)
-    return None
+    if p.suffix != ".npz" or not p.exists():
+        return None
+    mask = read_npz(p, optional=("poison_mask",)).get("poison_mask")
+    if mask is None:
+        return None
+    if mask.shape != (n,):
+        raise CGDError(f"{p}: poison_mask must hold one entry per training image ({n}); got shape {mask.shape}")
+    if mask.dtype != bool and not (np.issubdtype(mask.dtype, np.integer) and np.isin(mask, (0, 1)).all()):
+        raise CGDError(f"{p}: poison_mask must hold only 0/1 (or booleans); got dtype {mask.dtype}")
+    return mask.astype(bool)
 
 
 def cmd_train(args) -> int:
@@ -209,8 +217,9 @@ def cmd_defend(args) -> int:
     cfg = _load_cfg(args)
     cfg["data"]["spec"] = args.data
     ds = load_dataset(args.data)
+    mask = _npz_mask(args.data, len(ds.train))
     m = defend(ds.train, cfg, Path(args.out), model_path=args.model, snapshot_path=args.snapshot,
-               poison_mask=_npz_mask(args.data), test=ds.test, log=lambda s: print(s, file=sys.stderr))
+               poison_mask=mask, test=ds.test, log=lambda s: print(s, file=sys.stderr))
     print(dumps_json({k: m[k] for k in ("sizes", "detection", "before", "after", "timings") if k in m}, indent=2))
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0

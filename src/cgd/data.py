@@ -6,13 +6,20 @@ Decoding is done once and cached as an uncompressed `.npz` under the cache direc
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
+import math
 import os
 import pickle
+import pickletools
+import stat
 import tarfile
 import urllib.request
+import warnings
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +33,30 @@ FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_SHA256 = "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce"
 FASHION_DIRS = [Path("/usr/share/datasets/fashion-mnist")]
+CIFAR_BATCHES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+NPZ_ARRAYS = ("x_train", "y_train", "x_test", "y_test", "class_names")
+IMAGE_FORMATS = ("JPEG", "PNG")  # what an image tarball holds; other PIL plugins are attack surface we do not need
+
+# Caps on every read of user data, checked before anything is allocated.
+# Decoded arrays of one dataset, all splits: full CIFAR-10 is 184 MB and an Imagenette 224 px subset 0.68 GB, so 1 GiB
+# keeps room for those while a refusal stays well under 2 GiB of memory.
+MAX_DATASET_BYTES = 1 << 30
+# One image: 4096 x 4096 is far above any training resolution here (224 px) and decodes to 50 MB at most.
+MAX_IMAGE_PIXELS = 4096 * 4096
+# One archive member or CIFAR batch file: a real batch is 31 MB and no image file of a dataset comes near 64 MiB.
+MAX_MEMBER_BYTES = 64 << 20
+# The decompressed tar stream: the CIFAR-10 JPEG and official archives are ~0.2 GB of tar, so 2 GiB only stops bombs.
+MAX_ARCHIVE_BYTES = 2 << 30
+# Entries of one tar archive: full CIFAR-10 has 60,000 images (GTSRB 52,000); 250,000 bounds the member list kept.
+MAX_ARCHIVE_MEMBERS = 250_000
+# Opcodes of one CIFAR batch pickle: a real one has ~40,000 (10,000 labels and file names), so 200,000 keeps room while
+# bounding what a crafted pickle can build.
+MAX_PICKLE_OPS = 200_000
+# Class names of an .npz: ImageNet has 1,000 classes.
+MAX_CLASSES = 10_000
+# The CIFAR-10 download: the official archive is 170 MB; a server sending more is not sending it.
+MAX_DOWNLOAD_BYTES = 256 << 20
+READ_CHUNK = 16 << 20  # large arrays are read into their final buffer in chunks of this size
 
 
 @dataclass(frozen=True)
@@ -98,18 +129,96 @@ def make_imageset(images, labels, class_names) -> ImageSet:
 def load_npz(path: str | os.PathLike) -> Dataset:
     """Load `x_train, y_train, x_test, y_test, class_names` from an `.npz` (no pickles allowed)."""
     path = Path(path)
+    z = read_npz(path, NPZ_ARRAYS)
+    if z["class_names"].ndim != 1 or len(z["class_names"]) > MAX_CLASSES:
+        raise CGDError(f"{path}: class_names must be a 1-D array of at most {MAX_CLASSES} names; "
+                       f"got shape {z['class_names'].shape}")
+    names = [str(c) for c in z["class_names"]]
+    return Dataset(make_imageset(z["x_train"], z["y_train"], names), make_imageset(z["x_test"], z["y_test"], names),
+                   name=path.stem)
+
+
+def read_npz(path: Path, required: tuple[str, ...] = (), optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """The named arrays of an `.npz`, each checked (plain dtype, declared shape = stored size, under the caps)
+    before its buffer is allocated; `optional` ones are left out when absent."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = {"x_train", "y_train", "x_test", "y_test", "class_names"} - set(z.files)
+        with zipfile.ZipFile(path) as zf:
+            members = {n.removesuffix(".npy"): zf.getinfo(n) for n in zf.namelist() if n.endswith(".npy")}
+            missing = [n for n in required if n not in members]
             if missing:
-                raise CGDError(f"{path}: missing arrays {sorted(missing)}; an npz needs x_train (N,H,W,3 uint8), "
+                raise CGDError(f"{path}: missing arrays {missing}; an npz needs x_train (N,H,W,3 uint8), "
                                "y_train, x_test, y_test and class_names")
-            names = [str(c) for c in z["class_names"]]
-            train = make_imageset(z["x_train"], z["y_train"], names)
-            test = make_imageset(z["x_test"], z["y_test"], names)
-    except (ValueError, OSError) as e:
-        raise CGDError(f"{path}: not a readable npz without pickled objects ({e})") from None
-    return Dataset(train, test, name=path.stem)
+            out, budget = {}, MAX_DATASET_BYTES
+            for name in [n for n in (*required, *optional) if n in members]:
+                out[name] = _read_npz_member(zf, members[name], budget, f"{path}:{name}")
+                budget -= out[name].nbytes
+            return out
+    except zipfile.BadZipFile as e:
+        reason = _not_zip_reason(path)
+        if reason:
+            raise CGDError(f"{path}: not an .npz: {reason}") from None
+        raise CGDError(f"{path}: corrupt or truncated .npz (BadZipFile: {e})") from None
+    except (OSError, EOFError, zlib.error, NotImplementedError, RuntimeError, ValueError) as e:
+        raise CGDError(f"{path}: corrupt or truncated .npz ({type(e).__name__}: {e})") from None
+
+
+def _not_zip_reason(path: Path) -> str | None:
+    """What a file seems to be, from its first bytes, when that is not a zip archive; None when it starts as one."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith(b"PK"):
+        return None
+    for magic, what in ((b"\x93NUMPY", "a single .npy array"), (b"\x1f\x8b", "gzip data"),
+                        (b"\x80", "a Python pickle")):
+        if head.startswith(magic):
+            return f"it is {what}"
+    return "it is not a zip archive" if head else "the file is empty"
+
+
+def _read_npz_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, budget: int, where: str) -> np.ndarray:
+    if info.file_size > budget:
+        raise CGDError(f"{where}: declares {info.file_size} bytes uncompressed, over the {MAX_DATASET_BYTES}-byte "
+                       "cap on a dataset (a zip bomb?)")
+    with zf.open(info) as f:
+        shape, fortran, dtype = _npy_header(f, where)
+        stored = info.file_size - f.tell()
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes != stored:
+            raise CGDError(f"{where}: the header declares shape {shape} of {dtype} ({nbytes} bytes) but the member "
+                           f"holds {stored} bytes")
+        buf = np.empty(nbytes, np.uint8)
+        _read_into(f, memoryview(buf), where)
+        f.read(1)  # reach the end of the member so that zipfile checks its CRC
+    return buf.view(dtype).reshape(shape, order="F" if fortran else "C")
+
+
+def _npy_header(f, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    from numpy.lib import format as npy
+
+    try:
+        version = npy.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise CGDError(f"{where}: unsupported .npy format version {version}")
+        read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+    except (ValueError, TypeError) as e:
+        raise CGDError(f"{where}: not a valid .npy array header ({e})") from None
+    if dtype.hasobject:
+        raise CGDError(f"{where}: holds pickled Python objects (dtype {dtype}); only plain arrays are read")
+    if dtype.itemsize == 0 or any(d < 0 for d in shape):
+        raise CGDError(f"{where}: invalid array header (dtype {dtype}, shape {shape})")
+    return shape, fortran, dtype
+
+
+def _read_into(f, buf: memoryview, where: str) -> None:
+    """Fill `buf` from `f` exactly, in bounded reads."""
+    pos = 0
+    while pos < len(buf):
+        chunk = f.read(min(READ_CHUNK, len(buf) - pos))
+        if not chunk:
+            raise CGDError(f"{where}: truncated ({pos} of {len(buf)} bytes)")
+        buf[pos:pos + len(chunk)] = chunk
+        pos += len(chunk)
 
 
 def save_npz(dataset: Dataset, path: str | os.PathLike, **extra: np.ndarray) -> None:
@@ -120,75 +229,241 @@ def save_npz(dataset: Dataset, path: str | os.PathLike, **extra: np.ndarray) -> 
     atomic_write_bytes(Path(path), buf.getvalue())
 
 
-def _decode_jpeg(data: bytes, name: str) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+def _decode_image(data: bytes, name: str, budget: int) -> np.ndarray:
+    """One JPEG/PNG as uint8 (H, W, 3); its pixel count is checked from the header before it is decoded."""
+    from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise CGDError(f"corrupt image {name}: {e}") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
+                w, h = im.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise CGDError(f"{name}: {w}x{h} pixels is over the {MAX_IMAGE_PIXELS}-pixel cap on one image "
+                                   "(a decompression bomb?)")
+                if w * h * 3 > budget:
+                    raise CGDError(f"{name}: the decoded images pass the {MAX_DATASET_BYTES}-byte cap on a dataset")
+                return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except CGDError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise CGDError(f"{name}: decompression bomb refused ({e})") from None
+    except Exception as e:  # PIL's parsers raise many exception types on hostile bytes
+        raise CGDError(f"corrupt image {name}: {type(e).__name__}: {e}") from None
+
+
+class _BoundedStream:
+    """The decompressed bytes of an archive, for `tarfile`: no single read above `MAX_MEMBER_BYTES` (tar headers
+    declare their own sizes) and nothing past `MAX_ARCHIVE_BYTES` (gzip bombs)."""
+
+    def __init__(self, f, path: Path):
+        self.f, self.path = f, path
+
+    def _check(self, end: int) -> None:
+        if end > MAX_ARCHIVE_BYTES:
+            raise CGDError(f"{self.path}: the archive decompresses past the {MAX_ARCHIVE_BYTES}-byte cap "
+                           "(a gzip bomb?)")
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0 or n > MAX_MEMBER_BYTES:
+            raise CGDError(f"{self.path}: an archive entry of {n} bytes is over the {MAX_MEMBER_BYTES}-byte cap")
+        self._check(self.f.tell() + n)
+        return self.f.read(n)
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence != 0:
+            raise CGDError(f"{self.path}: unexpected relative seek in the archive")
+        self._check(pos)
+        return self.f.seek(pos)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+
+@contextlib.contextmanager
+def _open_tar(path: Path):
+    """A plain or gzipped tar read through `_BoundedStream`; nothing is ever extracted to disk, and every
+    archive error (truncation, bad headers, bad gzip data) becomes one `CGDError` naming the file."""
+    try:
+        with open(path, "rb") as raw:
+            gzipped = raw.read(2) == b"\x1f\x8b"
+            raw.seek(0)
+            with gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else contextlib.nullcontext(raw) as f:
+                with tarfile.open(fileobj=_BoundedStream(f, path), mode="r:") as tf:
+                    yield tf
+    except (tarfile.TarError, OSError, EOFError, zlib.error, UnicodeError) as e:
+        raise CGDError(f"{path}: corrupt or truncated archive ({type(e).__name__}: {e})") from None
+
+
+def _members(tf: tarfile.TarFile, path: Path):
+    for i, m in enumerate(tf, 1):
+        if i > MAX_ARCHIVE_MEMBERS:
+            raise CGDError(f"{path}: more than {MAX_ARCHIVE_MEMBERS} archive entries")
+        yield m
+
+
+def _member_bytes(tf: tarfile.TarFile, m: tarfile.TarInfo, path: Path) -> bytes:
+    """A regular member's bytes, its declared size checked first (never follows links)."""
+    if not m.isreg():
+        raise CGDError(f"{path}: {m.name} is not a regular file (a link, folder or device); refused")
+    if m.size > MAX_MEMBER_BYTES:
+        raise CGDError(f"{path}: {m.name} declares {m.size} bytes, over the {MAX_MEMBER_BYTES}-byte cap on one entry")
+    data = tf.extractfile(m).read(m.size)
+    if len(data) != m.size:
+        raise CGDError(f"{path}: {m.name} is truncated ({len(data)} of {m.size} bytes)")
+    return data
+
+
+def _split_class_file(name: str) -> tuple[str, str, str] | None:
+    """`(split, class, file)` of a member named `[prefix/]train|test/<class>/<file>`, else None."""
+    parts = Path(name).parts
+    parts = parts[parts.index("train") if "train" in parts else parts.index("test") if "test" in parts else 0:]
+    return parts if len(parts) == 3 and parts[0] in ("train", "test") else None
 
 
 def _read_image_tarball(path: Path) -> Dataset:
     """`train|test/<class>/<file>.jpg|png` inside a tar archive; class order = sorted folder names
     (CIFAR-10's canonical order when the folders are CIFAR-10's)."""
-    split_items: dict[str, list[tuple[str, str, bytes]]] = {"train": [], "test": []}
-    with tarfile.open(path) as tf:
-        for m in tf:
-            if not m.isfile():
+    split_items: dict[str, list[tuple[str, str, np.ndarray]]] = {"train": [], "test": []}
+    budget = MAX_DATASET_BYTES
+    with _open_tar(path) as tf:
+        for m in _members(tf, path):
+            parts = _split_class_file(m.name)
+            if parts is None or not m.isfile():
                 continue
-            parts = Path(m.name).parts
-            parts = parts[parts.index("train") if "train" in parts else parts.index("test") if "test" in parts
-                          else 0:]
-            if len(parts) != 3 or parts[0] not in split_items:
-                continue
-            split_items[parts[0]].append((parts[1], parts[2], tf.extractfile(m).read()))
+            split, c, f = parts
+            img = _decode_image(_member_bytes(tf, m, path), f"{path}:{split}/{c}/{f}", budget)
+            if split_items[split] and img.shape != split_items[split][0][2].shape:
+                raise CGDError(f"{path}: images of different sizes in {split}; resize them to one size first")
+            budget -= img.nbytes
+            split_items[split].append((c, f, img))
     if not split_items["train"] or not split_items["test"]:
         raise CGDError(f"{path}: expected train/<class>/<image> and test/<class>/<image> entries")
     folders = sorted({c for c, _, _ in split_items["train"]})
     names = CIFAR10_CLASSES if set(folders) == set(CIFAR10_CLASSES) else folders
+    unknown = sorted({c for c, _, _ in split_items["test"]} - set(names))
+    if unknown:
+        raise CGDError(f"{path}: test classes {unknown} have no train folder")
     out = []
     for split in ("train", "test"):
         items = sorted(split_items[split], key=lambda t: (names.index(t[0]), t[1]))
-        imgs = [_decode_jpeg(b, f"{path}:{split}/{c}/{f}") for c, f, b in items]
-        if len({im.shape for im in imgs}) != 1:
-            raise CGDError(f"{path}: images of different sizes in {split}; resize them to one size first")
-        out.append(make_imageset(np.stack(imgs), [names.index(c) for c, _, _ in items], names))
+        out.append(make_imageset(np.stack([im for _, _, im in items]), [names.index(c) for c, _, _ in items], names))
     return Dataset(out[0], out[1], name=path.name.split(".")[0])
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """CIFAR's python batches are pickles: allow only the numpy array constructors they need."""
+    """CIFAR's python batches are pickles: allow only the numpy array constructors they need, each under a budget
+    of the bytes it may build (a crafted pickle could otherwise call them over and over)."""
 
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
+    def __init__(self, data: bytes, where: str):
+        super().__init__(io.BytesIO(data), encoding="bytes")
+        self.where, self.size, self.budget = where, len(data), 3 * len(data)
+
+    def _spend(self, n: int) -> None:
+        self.budget -= n
+        if self.budget < 0:
+            raise CGDError(f"{self.where}: the pickle builds more data than it holds; not a CIFAR batch")
+
     def find_class(self, module, name):
-        if (module, name) in self.ALLOWED:
-            return super().find_class(module, name)
-        raise CGDError(f"refusing to unpickle {module}.{name}: not a CIFAR batch")
+        if (module, name) not in self.ALLOWED:
+            raise CGDError(f"refusing to unpickle {module}.{name}: not a CIFAR batch")
+        fn = super().find_class(module, name)
+        if name == "_reconstruct":
+            def reconstruct(cls, shape, dtype):
+                if shape != (0,):  # numpy pickles an empty array and fills it from the state
+                    raise CGDError(f"{self.where}: unexpected array shape {shape!r} in the pickle")
+                self._spend(self.size)  # the state that fills it is at most the pickle's size
+                return fn(cls, shape, dtype)
+            return reconstruct
+        if name == "encode":
+            def encode(*args):
+                out = fn(*args)
+                self._spend(len(out))
+                return out
+            return encode
+        return fn
 
 
-def _read_cifar_batches(root: Path) -> Dataset:
-    def read(name):
-        with open(root / name, "rb") as f:
-            d = _NumpyOnlyUnpickler(f, encoding="bytes").load()
-        x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        return x, np.asarray(d[b"labels"], dtype=np.int64)
+def _check_pickle(data: bytes, where: str) -> None:
+    """Walk the opcodes first: the C unpickler allocates what a length field declares before reading it."""
+    try:
+        for i, _ in enumerate(pickletools.genops(data)):
+            if i >= MAX_PICKLE_OPS:
+                raise CGDError(f"{where}: more than {MAX_PICKLE_OPS} pickle opcodes; not a CIFAR batch")
+    except ValueError as e:
+        raise CGDError(f"{where}: corrupt or truncated pickle ({e})") from None
 
-    parts = [read(f"data_batch_{i}") for i in range(1, 6)]
-    xt, yt = read("test_batch")
+
+def _read_cifar_batch(data: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
+    _check_pickle(data, where)
+    try:
+        d = _NumpyOnlyUnpickler(data, where).load()
+    except CGDError:
+        raise
+    except Exception as e:  # the unpickler and numpy's array state raise many types on crafted bytes
+        raise CGDError(f"{where}: corrupt CIFAR batch ({type(e).__name__}: {e})") from None
+    x = d.get(b"data") if isinstance(d, dict) else None
+    y = d.get(b"labels") if isinstance(d, dict) else None
+    if (not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072
+            or not isinstance(y, list) or len(y) != len(x) or not all(type(v) is int for v in y)):
+        raise CGDError(f"{where}: not a CIFAR batch (a dict with b'data' uint8 (N, 3072) and N integer b'labels')")
+    return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), np.asarray(y, dtype=np.int64)
+
+
+def _cifar_dataset(batches: dict[str, tuple[np.ndarray, np.ndarray]]) -> Dataset:
+    parts = [batches[f"data_batch_{i}"] for i in range(1, 6)]
+    xt, yt = batches["test_batch"]
     return Dataset(make_imageset(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
                                  CIFAR10_CLASSES), make_imageset(xt, yt, CIFAR10_CLASSES), name="cifar10")
 
 
+def _read_capped_file(path: Path, cap: int) -> bytes:
+    """A regular file's bytes, refused when longer than `cap` (the read itself is bounded, not the stat)."""
+    try:
+        with open(path, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise CGDError(f"{path}: not a regular file")
+            data = f.read(cap + 1)
+    except OSError as e:
+        raise CGDError(f"{path}: cannot read ({e})") from None
+    if len(data) > cap:
+        raise CGDError(f"{path}: over the {cap}-byte cap")
+    return data
+
+
+def _read_cifar_batches(root: Path) -> Dataset:
+    return _cifar_dataset({name: _read_cifar_batch(_read_capped_file(root / name, MAX_MEMBER_BYTES),
+                                                   str(root / name)) for name in CIFAR_BATCHES})
+
+
+def _idx_header(f, path: Path) -> list[int]:
+    head = f.read(4)
+    if len(head) != 4 or head[:3] != b"\0\0\x08" or not 1 <= head[3] <= 4:
+        raise CGDError(f"{path}: not a uint8 idx file (header {head.hex()})")
+    raw = f.read(4 * head[3])
+    if len(raw) != 4 * head[3]:
+        raise CGDError(f"{path}: truncated idx header")
+    return [int.from_bytes(raw[i:i + 4], "big") for i in range(0, len(raw), 4)]
+
+
 def _read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    """A gzipped idx array; the header's declared size is checked against the cap, then against the data."""
+    try:
+        with gzip.open(path, "rb") as f:
+            dims = _idx_header(f, path)
+            n = math.prod(dims)
+            if n > MAX_DATASET_BYTES:
+                raise CGDError(f"{path}: declares {dims} ({n} bytes), over the {MAX_DATASET_BYTES}-byte cap")
+            data = f.read(n + 1)
+    except (OSError, EOFError, zlib.error) as e:
+        raise CGDError(f"{path}: corrupt or truncated gzip ({type(e).__name__}: {e})") from None
+    if len(data) != n:
+        raise CGDError(f"{path}: the header declares {dims} ({n} bytes) but the data is "
+                       f"{'longer' if len(data) > n else f'{len(data)} bytes'}")
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
 
 
 def _read_fashion(root: Path) -> Dataset:
@@ -288,10 +563,21 @@ def _no_data_message() -> str:
 
 
 def _read_official_archive(path: Path) -> Dataset:
-    with tarfile.open(path) as tf:
-        root = cache_dir("downloads") / "extract"
-        tf.extractall(root, filter="data")
-    return _read_cifar_batches(root / "cifar-10-batches-py")
+    """`cifar-10-python.tar.gz`: only the six batch members, by name, read in memory; nothing is extracted."""
+    wanted = {f"cifar-10-batches-py/{n}": n for n in CIFAR_BATCHES}
+    batches = {}
+    with _open_tar(path) as tf:
+        for m in _members(tf, path):
+            name = wanted.get(m.name.removeprefix("./"))
+            if name is None:
+                continue
+            if name in batches:
+                raise CGDError(f"{path}: {m.name} appears twice")
+            batches[name] = _read_cifar_batch(_member_bytes(tf, m, path), f"{path}:{m.name}")
+    missing = [k for k, n in wanted.items() if n not in batches]
+    if missing:
+        raise CGDError(f"{path}: not the official CIFAR-10 archive: missing {', '.join(missing)}")
+    return _cifar_dataset(batches)
 
 
 def fetch_cifar10(timeout: float = 30.0) -> Path:
@@ -301,10 +587,12 @@ def fetch_cifar10(timeout: float = 30.0) -> Path:
         return dest
     try:
         with urllib.request.urlopen(CIFAR10_URL, timeout=timeout) as r:
-            data = r.read()
+            data = r.read(MAX_DOWNLOAD_BYTES + 1)
     except OSError as e:
         raise CGDError(f"could not download {CIFAR10_URL}: {e}. Without internet, copy the archive or the JPEG "
                        "tarball by hand and pass --data PATH (or set CGD_DATA).") from None
+    if len(data) > MAX_DOWNLOAD_BYTES:
+        raise CGDError(f"{CIFAR10_URL} sent more than {MAX_DOWNLOAD_BYTES} bytes; not the CIFAR-10 archive, not saved")
     digest = hashlib.sha256(data).hexdigest()
     if digest != CIFAR10_SHA256:
         raise CGDError(f"downloaded CIFAR-10 has sha256 {digest}, expected {CIFAR10_SHA256}; not saved")
