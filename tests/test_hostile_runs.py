@@ -173,10 +173,13 @@ def test_an_empty_test_set_gives_valid_json(tmp_path, tiny, label_guide, capsys)
 # ------------------------------------------------------------------------------------------ benign, succeed whole
 
 def test_a_run_name_with_markup_succeeds_and_writes_only_the_run_and_cache(tmp_path, warm_cache):
-    """`$...$` once crashed the plot's TeX parser after the whole pipeline; the real guide also shows that
-    ONNX Runtime and matplotlib keep their files out of the home folder."""
+    """`$...$` once crashed the plot's TeX parser after the whole pipeline; class names that look like paths or
+    shell write nothing anywhere; the real guide also shows that ONNX Runtime and matplotlib keep their files out
+    of the home folder."""
     box = Sandbox(tmp_path, cache=warm_cache)
-    data = write_npz(box.work / "d.npz", synthetic(120, 0), synthetic(40, 1))
+    names = ["../../evil", "$(touch pwned)", "`id`", "a/b"]  # class names reach the guide's prompts and reports
+    rename = lambda s: ImageSet(s.images, s.labels, names)  # noqa: E731
+    data = write_npz(box.work / "d.npz", rename(synthetic(120, 0)), rename(synthetic(40, 1)))
     name = "run $x^2$ `id` $(id)"
     res = run_cli(box, "defend", "--data", str(data), "--out", name, *TINY_RUN)
     assert res.code == 0, res.err
@@ -185,6 +188,7 @@ def test_a_run_name_with_markup_succeeds_and_writes_only_the_run_and_cache(tmp_p
     stray = [p for p in res.written if not p.is_relative_to(run)]
     assert not stray, stray
     assert not any((box.root / "home").iterdir())
+    assert json.loads((run / "defended.safetensors.json").read_text())["class_names"] == names
 
 
 def test_a_small_dataset_whose_class_drops_out_of_the_clean_subset_still_runs(tmp_path, tiny):
