@@ -399,7 +399,7 @@ def test_cifar_batch_file_size_is_capped(tmp_path, monkeypatch):
     root.mkdir()
     for n in BATCHES:
         (root / n).write_bytes(_batch())
-    with pytest.raises(CGDError, match="data_batch_1: over the 1000-byte cap"):
+    with pytest.raises(CGDError, match="data_batch_1 is larger than 1,000 bytes: over the cap on a CIFAR batch"):
         load_dataset(root)
 
 
@@ -575,3 +575,14 @@ def test_cli_object_poison_mask_via_defend(box):
     run = box.work / "run"
     res = run_cli(box, "defend", "--data", str(p), "--out", str(run))
     assert_refused(res, "defend", "mask.npz:poison_mask: holds pickled Python objects", box=box, run_dir=run)
+
+
+def test_a_fifo_named_like_a_cifar_batch_is_refused_not_waited_on(tmp_path):
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    for n in BATCHES:
+        (root / n).write_bytes(_batch())
+    (root / "data_batch_1").unlink()
+    os.mkfifo(root / "data_batch_1")  # opening it for reading would block until a writer came
+    with pytest.raises(CGDError, match="data_batch_1: not a regular file"):
+        load_dataset(root)

@@ -14,7 +14,6 @@ import math
 import os
 import pickle
 import pickletools
-import stat
 import tarfile
 import urllib.request
 import warnings
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from . import CGDError
-from .io import atomic_write_bytes, cache_dir
+from .io import atomic_write_bytes, cache_dir, read_capped
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
@@ -420,22 +419,8 @@ def _cifar_dataset(batches: dict[str, tuple[np.ndarray, np.ndarray]]) -> Dataset
                                  CIFAR10_CLASSES), make_imageset(xt, yt, CIFAR10_CLASSES), name="cifar10")
 
 
-def _read_capped_file(path: Path, cap: int) -> bytes:
-    """A regular file's bytes, refused when longer than `cap` (the read itself is bounded, not the stat)."""
-    try:
-        with open(path, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise CGDError(f"{path}: not a regular file")
-            data = f.read(cap + 1)
-    except OSError as e:
-        raise CGDError(f"{path}: cannot read ({e})") from None
-    if len(data) > cap:
-        raise CGDError(f"{path}: over the {cap}-byte cap")
-    return data
-
-
 def _read_cifar_batches(root: Path) -> Dataset:
-    return _cifar_dataset({name: _read_cifar_batch(_read_capped_file(root / name, MAX_MEMBER_BYTES),
+    return _cifar_dataset({name: _read_cifar_batch(read_capped(root / name, MAX_MEMBER_BYTES, "a CIFAR batch"),
                                                    str(root / name)) for name in CIFAR_BATCHES})
 
 

@@ -62,6 +62,24 @@ def _jsonable(o):
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
+def read_capped(path: Path, cap: int, what: str = "this file") -> bytes:
+    """A regular file's bytes, refused when longer than `cap` bytes: the read itself is bounded, not only a stat.
+    Opened without blocking, so a FIFO named like a data file cannot hang the tool."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise CGDError(f"{path}: not a regular file")
+            data = f.read(cap + 1)
+    except OSError as e:
+        raise CGDError(f"{path}: cannot read: {e.strerror or e}") from None
+    if len(data) > cap:
+        raise CGDError(f"{path} is larger than {cap:,} bytes: over the cap on {what}")
+    return data
+
+
 def finite_json(obj):
     """`obj` with every NaN or infinite float replaced by None: `json` would write them as `NaN`, which is not
     JSON."""

@@ -20,7 +20,7 @@ from torch import nn
 
 from .. import CGDError
 from ..data import ImageSet
-from ..io import atomic_write_bytes, atomic_write_text
+from ..io import atomic_write_bytes, atomic_write_text, read_capped
 from ..registry import Registry
 from ..schema import Flag, Int, Ints, Real, check_params, show
 
@@ -195,7 +195,7 @@ def load_model(path: str | Path) -> nn.Module:
             raise CGDError(f"{what} {p} does not exist")
         if not p.is_file():
             raise CGDError(f"{what} {p} is not a regular file")
-    spec = _parse_json(_read_bounded(spec_path, MAX_SIDECAR_BYTES), str(spec_path))
+    spec = _parse_json(read_capped(spec_path, MAX_SIDECAR_BYTES, "a model sidecar"), str(spec_path))
     if not isinstance(spec, dict):
         raise CGDError(f"{spec_path} must be a JSON object with the model's name and params; got {show(spec)}")
     if "name" not in spec:
@@ -220,17 +220,6 @@ def load_model(path: str | Path) -> nn.Module:
     model.load_state_dict(state)
     model.cgd_spec = {"name": name, "params": params, **trained}
     return model.eval()
-
-
-def _read_bounded(path: Path, limit: int) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(limit + 1)
-    except OSError as e:
-        raise CGDError(f"{path}: cannot read: {e.strerror or e}") from None
-    if len(raw) > limit:
-        raise CGDError(f"{path} is larger than {limit:,} bytes: not a model sidecar")
-    return raw
 
 
 def _parse_json(raw: bytes, where: str):
