@@ -132,9 +132,24 @@ def data_fingerprint(train_set: ImageSet) -> str:
     return h.hexdigest()
 
 
-def _same_data(work: Path, fingerprint: str) -> bool:
+def open_run(run_dir: Path, cfg_text: str, fingerprint: str, log) -> tuple[Path, dict | None]:
+    """The run's work folder, ready: (work, None); or (work, its metrics) when `run_dir` already holds a finished
+    run of this config on this data. Intermediate results of other data (another `fingerprint`) are dropped."""
+    work = run_dir / ".work"
     stamp = work / "data.sha256"
-    return stamp.is_file() and stamp.read_text().strip() == fingerprint
+    same_data = stamp.is_file() and stamp.read_text().strip() == fingerprint
+    if same_data and (run_dir / "config.toml").is_file() and (run_dir / "config.toml").read_text() == cfg_text \
+            and all((run_dir / f).exists() for f in OUTPUTS):
+        log(f"{run_dir}: finished run with this config and data found; nothing to do")
+        return work, read_json(run_dir / "metrics.json")
+    prepare_dir(prepare_dir(run_dir, "run folder") / ".work", "run folder")
+    if stamp.exists() and not same_data:  # (an unstamped folder is an older cgd's: kept)
+        log(f"{run_dir}: intermediate results of other training data found: starting over")
+        for p in work.iterdir():
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    atomic_write_text(stamp, fingerprint + "\n")
+    atomic_write_text(work / "config.toml", cfg_text)
+    return work, None
 
 
 def preflight(train_set: ImageSet, scfg: SplitConfig, victim: tuple[str, TrainConfig] | None) -> None:
@@ -187,19 +202,9 @@ def defend(train_set: ImageSet, cfg: dict, run_dir: Path, *, guide=None, model_p
     if guide is None:
         guide = guides.get(cfg["guide"]["name"], **cfg["guide"]["params"])
     cfg_text = dumps_toml(explicit(cfg))  # the recipe spelled out: a changed recipe is a new run
-    fingerprint = data_fingerprint(train_set)  # and other data at the same path too
-    work = run_dir / ".work"
-    if (run_dir / "config.toml").is_file() and (run_dir / "config.toml").read_text() == cfg_text \
-            and _same_data(work, fingerprint) and all((run_dir / f).exists() for f in OUTPUTS):
-        log(f"{run_dir}: finished run with this config and data found; nothing to do")
-        return read_json(run_dir / "metrics.json")
-    prepare_dir(prepare_dir(run_dir, "run folder") / ".work", "run folder")
-    if (work / "data.sha256").exists() and not _same_data(work, fingerprint):  # (unstamped: an older cgd's)
-        log(f"{run_dir}: intermediate results of other training data found: starting over")
-        for p in work.iterdir():
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-    atomic_write_text(work / "data.sha256", fingerprint + "\n")
-    atomic_write_text(work / "config.toml", cfg_text)
+    work, finished = open_run(run_dir, cfg_text, data_fingerprint(train_set), log)
+    if finished is not None:
+        return finished
     labels, names, k = train_set.labels, train_set.class_names, train_set.num_classes
     timings: dict[str, float] = {}
 
