@@ -150,3 +150,28 @@ def test_history_window_starts_early_when_the_guide_is_blind_to_the_fast_learned
     assert history_window(h, guide, sigma2=0.1) == (2, 4)
     h[11, :30] = 0.001  # 30 % of them: more than chance, so that epoch is taken
     assert history_window(h, guide, sigma2=0.1) == (12, 12)
+
+
+def test_spectral_scores_find_a_shared_direction_inside_one_class():
+    from cgd.split import per_class_rank, spectral_scores
+
+    rng = np.random.default_rng(0)
+    n, d = 2000, 32
+    labels = rng.integers(0, 4, n)
+    f = rng.normal(size=(n, d)) + 5.0 * labels[:, None]  # class means differ: must not matter (centred per class)
+    poison = (labels == 0) & (rng.random(n) < 0.3)  # 30 % of class 0 carry a shared shift along one direction
+    direction = rng.normal(size=d)
+    f[poison] += 1.5 * direction / np.linalg.norm(direction) * np.sqrt(d) / 2
+    sq = spectral_scores(f, labels)
+    sg = spectral_scores(f, labels, signed=True)
+    in0 = labels == 0
+    assert auroc(sq[in0], poison[in0]) > 0.9
+    assert auroc(sg[in0], poison[in0]) > 0.95  # the minority side is the positive tail
+    # in classes without poison the scores are the ordinary top-PC spread: no sample stands out by class
+    r = per_class_rank(sq, labels)
+    for c in range(4):
+        assert r[labels == c].max() == pytest.approx(1.0)
+    # scale-free per class, and a broken input is an error
+    assert auroc(spectral_scores(f * 3.0, labels)[in0], poison[in0]) == pytest.approx(auroc(sq[in0], poison[in0]))
+    with pytest.raises(CGDError):
+        spectral_scores(np.full((3, 2), np.nan), np.zeros(3, int))

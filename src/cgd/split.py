@@ -218,3 +218,45 @@ def detection_metrics(poison_mask: np.ndarray, s: Split) -> dict[str, float]:
         "auroc_combined": auroc(np.maximum(s.guide_rank, 1 - s.model_rank), p),
         **{f"n_{k}": v for k, v in s.sizes().items()},
     }
+
+
+def spectral_scores(features: np.ndarray, labels: np.ndarray, signed: bool = False) -> np.ndarray:
+    """Per class, each sample's projection on the top singular vector of that class's centred features (a third
+    detection axis, from the suspicious model's own representation; not used by the default split).
+
+    A trigger learned as a shortcut adds one shared direction to the poisoned samples of the target class, which
+    then dominates that class's largest singular direction. `signed=False` gives the squared projection (large for
+    both ends of that direction: the usual spectral-signature outlier score); `signed=True` gives the projection
+    itself, oriented so that the longer tail (positive skew) is positive — the side a minority cluster sits on.
+    Scores are comparable within a class, not across classes (rank them per class). Classes with one sample
+    score 0."""
+    f = np.asarray(features, dtype=np.float64)
+    labels = np.asarray(labels)
+    if f.ndim != 2 or len(f) != len(labels):
+        raise CGDError(f"features must be (N, D) with one row per label; got {f.shape} for {len(labels)} labels")
+    if not np.isfinite(f).all():
+        raise CGDError("features contain NaN or infinity")
+    out = np.zeros(len(f), dtype=np.float64)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < 2:
+            continue
+        x = f[idx] - f[idx].mean(0)
+        # the top right singular vector = the top eigenvector of the (D × D) scatter matrix: cheap for D ≪ N
+        _, vecs = np.linalg.eigh(x.T @ x)
+        p = x @ vecs[:, -1]
+        if signed:
+            out[idx] = p if (p ** 3).mean() >= 0 else -p
+        else:
+            out[idx] = p ** 2
+    return out
+
+
+def per_class_rank(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """`percentile_rank` of `scores` within each class."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
+    out = np.zeros(len(scores))
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        out[idx] = percentile_rank(scores[idx])
+    return out
