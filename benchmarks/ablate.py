@@ -8,6 +8,12 @@ never used to choose.
     python benchmarks/ablate.py purify --attack sig
     python benchmarks/ablate.py window --attack ctrl
     python benchmarks/ablate.py unlearn --attack badnets --recipe cpu --name lam05 '{"lambda_un": 0.5}'
+    python benchmarks/ablate.py spectral --attack ctrl --root benchmarks/runs/bench2   # victims of another root
+    python benchmarks/ablate.py window --demo benchmarks/runs/demo-fm --data fashion-mnist  # the demo's victim
+
+`--root R` reads the victim from R/runs/<attack>/victim (a `cgd bench --root R` run) and writes its results as
+`<attack>-R_NAME-*.json`; `--demo RUN` reads the victim and cached scores of a `cgd demo --out RUN` run (default
+demo subset and settings) and writes `demo-<data>-*.json`.
 """
 
 from __future__ import annotations
@@ -17,15 +23,18 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+
 from cgd import attacks, guides
 from cgd.bench import train_asr_probe
-from cgd.config import defaults, train_config
-from cgd.data import load_dataset
+from cgd.config import apply_overrides, defaults, train_config
+from cgd.data import Dataset, load_dataset, stratified_subset
 from cgd.evaluate import ca_asr
 from cgd.io import write_json
 from cgd.pipeline import (guide_features, guide_logits, model_features, model_scores, resolve_model_score,
                           score_and_split, train_victim)
-from cgd.split import auroc, detection_metrics, nll, percentile_rank
+from cgd.split import (Split, auroc, detection_metrics, nll, per_class_rank, percentile_rank, spectral_scores,
+                       split)
 from cgd.unlearn import recipe, unlearn
 
 ROOT = Path(__file__).resolve().parent
@@ -33,14 +42,27 @@ SCORES = ["snapshot", "final", "history:1-1", "history:1-2", "history:1-3", "his
           "history:1-6", "history:3-6", "history:1-12"]
 
 
+OPTS = {"root": None, "demo": None, "data": "cifar10"}  # set by main()
+
+
+def tag(attack: str) -> str:
+    """The file-name stem of this run's ablation results."""
+    if OPTS["demo"]:
+        return f"demo-{OPTS['data']}"
+    return f"{attack}-{Path(OPTS['root']).name}" if OPTS["root"] else attack
+
+
 def setup(attack: str):
+    if OPTS["demo"]:
+        return setup_demo(Path(OPTS["demo"]), OPTS["data"])
     cfg = defaults()
-    ds = load_dataset("cifar10")
+    ds = load_dataset(OPTS["data"])
     cls = attacks.ATTACKS.cls(attack)
     ps = attacks.get(attack, target=0, seed=0, **({} if cls.clean_label else {"rate": 0.05})).poison(ds.train)
-    victim = train_victim(ps.train.images, ps.train.labels, 10, train_config(cfg), ROOT / "runs" / attack / "victim")
+    runs = Path(OPTS["root"]) / "runs" if OPTS["root"] else ROOT / "runs"
+    victim = train_victim(ps.train.images, ps.train.labels, 10, train_config(cfg), runs / attack / "victim")
     guide = guides.get(cfg["guide"]["name"], **cfg["guide"]["params"])
-    work = ROOT / "runs" / attack / "ablation"
+    work = runs / attack / "ablation"
     work.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     g = guide_logits(guide, ps.train.images, ds.class_names, work)
@@ -51,6 +73,28 @@ def setup(attack: str):
     return ds, ps, victim, g, arch, feats, zfeats
 
 
+def setup_demo(run: Path, data: str, train_size: int = 10000, test_size: int = 2000):
+    """The poisoned subset, victim and cached guide/model features of `cgd demo --data DATA --out RUN` (default
+    settings: the same stratified subsets, BadNets at 5 %, the demo's victim batch 128 / lr 0.1)."""
+    from cgd.cli import DEMO_VICTIM
+
+    cfg = apply_overrides(defaults(), [f"victim.{k}={v}" for k, v in DEMO_VICTIM.items()])
+    full = load_dataset(data)
+    train = stratified_subset(full.train, train_size, cfg["seed"])
+    test = stratified_subset(full.test, test_size, cfg["seed"])
+    ps = attacks.get(cfg["attack"]["name"], target=cfg["attack"]["target"], rate=cfg["attack"]["rate"],
+                     seed=cfg["seed"], **cfg["attack"]["params"]).poison(train)
+    work = run / ".work"
+    k = train.num_classes
+    victim = train_victim(ps.train.images, ps.train.labels, k, train_config(cfg), work / "victim")
+    guide = guides.get(cfg["guide"]["name"], **cfg["guide"]["params"])
+    g = guide_logits(guide, ps.train.images, full.class_names, work)
+    arch = {"name": cfg["victim"]["arch"], "params": {"num_classes": k}}
+    feats = lambda: guide_features(guide, ps.train.images, work)  # noqa: E731
+    zfeats = lambda: model_features(victim.model, ps.train.images, work)  # noqa: E731
+    return Dataset(train, test, full.name), ps, victim, g, arch, feats, zfeats
+
+
 def split_table(attack: str) -> None:
     ds, ps, victim, g, arch, feats, _ = setup(attack)
     rows = {}
@@ -59,11 +103,11 @@ def split_table(attack: str) -> None:
         for rounds in (0, 1, 2):
             scfg = {"sigma1": 0.2, "sigma2": 0.1, "refine": "probe" if rounds else "none", "refine_rounds": rounds,
                     "purify": 0}
-            s, _ = score_and_split(ps.train.labels, g, ms, scfg, 10, feats)
+            s, _ = score_and_split(ps.train.labels, g, ms, scfg, ps.train.num_classes, feats)
             key = f"{how} probe x{rounds}"
             rows[key] = detection_metrics(ps.poison_mask, s)
             print(key, {k: round(v, 4) if isinstance(v, float) else v for k, v in rows[key].items()}, flush=True)
-    write_json(ROOT / "results" / "ablation" / f"{attack}-split.json", rows)
+    write_json(ROOT / "results" / "ablation" / f"{tag(attack)}-split.json", rows)
 
 
 def purify_table(attack: str) -> None:
@@ -76,11 +120,11 @@ def purify_table(attack: str) -> None:
     for rounds in (0, 2):
         for keep in (0, 0.3, 0.5, 0.7):
             scfg = dict(base, refine="probe" if rounds else "none", refine_rounds=rounds, purify=keep)
-            s, _ = score_and_split(ps.train.labels, g, ms, scfg, 10, feats, zfeats)
+            s, _ = score_and_split(ps.train.labels, g, ms, scfg, ps.train.num_classes, feats, zfeats)
             key = f"probe x{rounds} purify {keep}"
             rows[key] = detection_metrics(ps.poison_mask, s)
             print(key, {k: round(v, 4) if isinstance(v, float) else v for k, v in rows[key].items()}, flush=True)
-    write_json(ROOT / "results" / "ablation" / f"{attack}-purify.json", rows)
+    write_json(ROOT / "results" / "ablation" / f"{tag(attack)}-purify.json", rows)
 
 
 def window_table(attack: str) -> None:
@@ -97,43 +141,130 @@ def window_table(attack: str) -> None:
                      "auroc_target_class": auroc(-loss[target], ps.poison_mask[target]),
                      "suspicious_share": float((percentile_rank(loss)[suspicious] < s2).mean())})
         print({k: round(v, 3) for k, v in rows[-1].items()}, flush=True)
-    write_json(ROOT / "results" / "ablation" / f"{attack}-window.json", rows)
+    write_json(ROOT / "results" / "ablation" / f"{tag(attack)}-window.json", rows)
 
 
-def unlearn_variant(attack: str, base: str, overrides: dict, model_score: str, name: str) -> None:
+def with_oracle(s: Split, mask, oracle: str) -> Split:
+    """DIAGNOSIS ONLY (reads the poison mask; never a defense): "dc" moves the known poison out of D_c into mixed,
+    "dp" also moves every poisoned sample into D_p, "none" keeps the split."""
+    if oracle == "none":
+        return s
+    bad = np.flatnonzero(mask)
+    clean = np.setdiff1d(s.clean, bad)
+    poison = np.union1d(s.poison, bad) if oracle == "dp" else s.poison
+    mixed = np.setdiff1d(np.arange(len(mask)), np.union1d(clean, poison))
+    return Split(clean, poison, mixed, s.guide_nll, s.model_nll, s.guide_rank, s.model_rank)
+
+
+def unlearn_variant(attack: str, base: str, overrides: dict, model_score: str, name: str,
+                    split_overrides: dict | None = None, oracle: str = "none") -> None:
     ds, ps, victim, g, arch, feats, zfeats = setup(attack)
-    scfg = defaults()["split"]  # the cpu split: probe ×2, purified D_c
+    scfg = dict(defaults()["split"], **(split_overrides or {}))  # the cpu split: probe ×2, purified D_c
     how = resolve_model_score(model_score, victim, nll(g, ps.train.labels), scfg["sigma2"])
     ms = model_scores(victim, arch, ps.train.images, ps.train.labels, how)
-    s, g = score_and_split(ps.train.labels, g, ms, scfg, 10, feats, zfeats)
-    res = unlearn(victim.model, ps.train.images, ps.train.labels, s, g, recipe(base, **overrides), 10,
-                  extra_eval=train_asr_probe(ps))
-    out = {"attack": attack, "recipe": base, "overrides": overrides, "model_score": model_score, "split": scfg,
-           "detection": detection_metrics(ps.poison_mask, s), "history": res.history,
+    s, g = score_and_split(ps.train.labels, g, ms, scfg, ps.train.num_classes, feats, zfeats)
+    s = extra_rank(s, ps, zfeats, scfg)
+    s = with_oracle(s, ps.poison_mask, oracle)
+    det = detection_metrics(ps.poison_mask, s)
+    print("model score", how, {k: round(v, 4) if isinstance(v, float) else v for k, v in det.items()}, flush=True)
+    res = unlearn(victim.model, ps.train.images, ps.train.labels, s, g, recipe(base, **overrides),
+                  ps.train.num_classes, extra_eval=train_asr_probe(ps))
+    out = {"attack": attack, "recipe": base, "overrides": overrides, "model_score": model_score,
+           "model_score_resolved": how, "split": scfg, "oracle": oracle,
+           "detection": det, "history": res.history,
            "stopped_early": res.stopped_early, "unlearn_s": res.seconds,
            "test_before": ca_asr(victim.model, ps, ds.test), "test_after": ca_asr(res.model, ps, ds.test),
-           "date": time.strftime("%Y-%m-%d")}
+           "victim_root": OPTS["root"] or OPTS["demo"], "date": time.strftime("%Y-%m-%d %H:%M")}
     print(json.dumps({k: out[k] for k in ("history", "test_before", "test_after", "unlearn_s")}, indent=1))
-    write_json(ROOT / "results" / "ablation" / f"{attack}-unlearn-{name}.json", out)
+    write_json(ROOT / "results" / "ablation" / f"{tag(attack)}-unlearn-{name}.json", out)
+
+
+def extra_rank(s: Split, ps, zfeats, scfg: dict) -> Split:
+    """Ablation-only split additions from the victim's own features (spectral axis; off unless asked):
+    `spectral_dp = q` moves samples whose per-class spectral rank is > 1 − q into D_p (out of D_c and mixed);
+    `spectral_out = q` only moves them out of D_c (into mixed); `spectral_signed` uses the signed projection;
+    `spectral_classes` limits both to the listed classes."""
+    q_dp, q_out = scfg.get("spectral_dp", 0), scfg.get("spectral_out", 0)
+    if not (q_dp or q_out):
+        return s
+    labels = ps.train.labels
+    r = per_class_rank(spectral_scores(zfeats(), labels, signed=scfg.get("spectral_signed", False)), labels)
+    only = scfg.get("spectral_classes")
+    inside = np.isin(labels, only) if only is not None else np.ones(len(labels), bool)
+    flag_dp = np.flatnonzero(inside & (r > 1 - q_dp)) if q_dp else np.zeros(0, int)
+    flag_out = np.flatnonzero(inside & (r > 1 - max(q_dp, q_out)))
+    poison = np.union1d(s.poison, flag_dp)
+    clean = np.setdiff1d(s.clean, np.union1d(flag_out, poison))
+    mixed = np.setdiff1d(np.arange(len(labels)), np.union1d(clean, poison))
+    return Split(clean, poison, mixed, s.guide_nll, s.model_nll, s.guide_rank, s.model_rank)
+
+
+def spectral_table(attack: str) -> None:
+    """Per class: AUROC against the training poison mask of the spectral score (squared projection on the top
+    singular vector of the centred penultimate features of the final victim) and of the signed projection (with
+    its label-free orientation, and the better orientation for reference); then the default split, and the split
+    with the spectral rank added, per share q."""
+    ds, ps, victim, g, arch, feats, zfeats = setup(attack)
+    labels, mask = ps.train.labels, ps.poison_mask
+    f = zfeats()
+    sq, sg = spectral_scores(f, labels), spectral_scores(f, labels, signed=True)
+    per_class = {}
+    for c in range(ps.train.num_classes):
+        m = labels == c
+        if mask[m].any() and (~mask[m]).any():
+            a_sg = auroc(sg[m], mask[m])
+            per_class[int(c)] = {"n": int(m.sum()), "poisoned": int(mask[m].sum()), "auroc_sq": auroc(sq[m], mask[m]),
+                                 "auroc_signed": a_sg, "auroc_signed_best_orientation": max(a_sg, 1 - a_sg)}
+            print(c, {k: round(v, 3) for k, v in per_class[int(c)].items()}, flush=True)
+    rs, rg = per_class_rank(sq, labels), per_class_rank(sg, labels)
+    base = defaults()["split"]
+    how = resolve_model_score(base["model_score"], victim, nll(g, labels), base["sigma2"])
+    ms = model_scores(victim, arch, ps.train.images, labels, how)
+    s, _ = score_and_split(labels, g, ms, base, ps.train.num_classes, feats, zfeats)
+    rows = {"default": detection_metrics(mask, s)}
+    for signed in (False, True):
+        for kind in ("dp", "out"):
+            for q in (0.1, 0.2, 0.3):
+                for cls in (None, [ps.target]):
+                    sc = dict(base, **{f"spectral_{kind}": q, "spectral_signed": signed, "spectral_classes": cls})
+                    key = f"{'signed' if signed else 'squared'} {kind} q{q} {'target class' if cls else 'all classes'}"
+                    rows[key] = detection_metrics(mask, extra_rank(s, ps, lambda: f, sc))
+                    d = rows[key]
+                    print(key, {k: round(d[k], 4) if isinstance(d[k], float) else d[k]
+                                for k in ("tpr", "fpr", "poison_in_clean", "n_clean", "n_poison")}, flush=True)
+    out = {"attack": attack, "model_score": how, "victim_root": OPTS["root"] or OPTS["demo"],
+           "per_class": per_class, "splits": rows, "date": time.strftime("%Y-%m-%d %H:%M"),
+           "auroc_all_sq_rank": auroc(rs, mask), "auroc_all_signed_rank": auroc(rg, mask)}
+    write_json(ROOT / "results" / "ablation" / f"{tag(attack)}-spectral.json", out)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["split", "purify", "window", "unlearn"])
+    p.add_argument("what", choices=["split", "purify", "window", "unlearn", "spectral"])
     p.add_argument("--attack", default="badnets")
     p.add_argument("--recipe", default="cpu")
     p.add_argument("--model-score", default=defaults()["split"]["model_score"])
     p.add_argument("--name", default=None)
+    p.add_argument("--root", default=None, help="a `cgd bench --root` folder whose victims to use")
+    p.add_argument("--demo", default=None, help="a `cgd demo --out` run directory whose victim to use")
+    p.add_argument("--data", default="cifar10", help="dataset of the victims (with --demo: the demo's --data)")
+    p.add_argument("--split", default="{}", help="JSON of split overrides for `unlearn` (e.g. spectral_dp)")
+    p.add_argument("--oracle", default="none", choices=["none", "dc", "dp"],
+                   help="DIAGNOSIS ONLY: move the known poison out of D_c (dc) or into D_p (dp)")
     p.add_argument("overrides", nargs="?", default="{}", help="JSON of UnlearnConfig overrides")
     a = p.parse_intermixed_args()
+    OPTS.update(root=a.root, demo=a.demo, data=a.data)
     if a.what == "split":
         split_table(a.attack)
     elif a.what == "purify":
         purify_table(a.attack)
     elif a.what == "window":
         window_table(a.attack)
+    elif a.what == "spectral":
+        spectral_table(a.attack)
     else:
-        unlearn_variant(a.attack, a.recipe, json.loads(a.overrides), a.model_score, a.name or a.recipe)
+        unlearn_variant(a.attack, a.recipe, json.loads(a.overrides), a.model_score, a.name or a.recipe,
+                        json.loads(a.split), a.oracle)
 
 
 if __name__ == "__main__":
