@@ -160,7 +160,8 @@ def unlearn_variant(attack: str, base: str, overrides: dict, model_score: str, n
                     split_overrides: dict | None = None, oracle: str = "none") -> None:
     ds, ps, victim, g, arch, feats, zfeats = setup(attack)
     scfg = dict(defaults()["split"], **(split_overrides or {}))  # the cpu split: probe ×2, purified D_c
-    how = resolve_model_score(model_score, victim, nll(g, ps.train.labels), scfg["sigma2"])
+    how = resolve_model_score(model_score, victim, nll(g, ps.train.labels), scfg["sigma2"],
+                              scfg.get("window_rule", "level"))
     ms = model_scores(victim, arch, ps.train.images, ps.train.labels, how)
     s, g = score_and_split(ps.train.labels, g, ms, scfg, ps.train.num_classes, feats, zfeats)
     s = extra_rank(s, ps, zfeats, scfg)

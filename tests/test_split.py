@@ -175,3 +175,19 @@ def test_spectral_scores_find_a_shared_direction_inside_one_class():
     assert auroc(spectral_scores(f * 3.0, labels)[in0], poison[in0]) == pytest.approx(auroc(sq[in0], poison[in0]))
     with pytest.raises(CGDError):
         spectral_scores(np.full((3, 2), np.nan), np.zeros(3, int))
+
+
+def test_history_window_gain_rule_finds_the_epoch_poison_is_learned_behind_easy_samples():
+    rng = np.random.default_rng(2)
+    n = 2000
+    guide = np.where(np.arange(n) < 200, 5.0, 0.0) + rng.random(n)  # flags 0..199; 0..99 are the poison
+    h = rng.random((12, n)) + 1.0
+    h[:, 1000:1400] = 0.001 * rng.random((12, 400))  # easy clean samples fill the lowest-loss 10 % in every epoch
+    h[:2, :100] += 2.0  # the poison is slow in epochs 1-2...
+    h[2:, :100] = 0.5 + 0.1 * rng.random((10, 100))  # ...then learned in epoch 3, though never among the fastest
+    assert history_window(h, guide, sigma2=0.1) != (3, 5)  # the level rule is blind to it (chance in every epoch)
+    assert history_window(h, guide, sigma2=0.1, rule="gain") == (3, 5)
+    h[2:, :100] = h[1, :100]  # nothing learned: the gain share stays at chance, so the window starts at `first`
+    assert history_window(h, guide, sigma2=0.1, rule="gain") == (2, 4)
+    with pytest.raises(CGDError):
+        history_window(h, guide, rule="slope")

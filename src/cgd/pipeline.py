@@ -54,11 +54,13 @@ def train_victim(images: np.ndarray, labels: np.ndarray, num_classes: int, confi
 
 # ------------------------------------------------------------------------------------------------ defend
 
-def resolve_model_score(how: str, victim: TrainResult, guide_nll: np.ndarray, sigma2: float) -> str:
-    """"history:auto" → "history:A-B" with the window `split.history_window` finds; other values unchanged."""
+def resolve_model_score(how: str, victim: TrainResult, guide_nll: np.ndarray, sigma2: float,
+                        rule: str = "level") -> str:
+    """"history:auto" → "history:A-B" with the window `split.history_window` finds (by `rule`, "level" unless
+    `split.window_rule` says otherwise); other values unchanged."""
     if how != "history:auto":
         return how
-    a, b = history_window(victim.loss_history, guide_nll, sigma2)
+    a, b = history_window(victim.loss_history, guide_nll, sigma2, rule=rule)
     return f"history:{a}-{b}"
 
 
@@ -225,7 +227,8 @@ def defend(train_set: ImageSet, cfg: dict, run_dir: Path, *, guide=None, model_p
     g = guide_logits(guide, train_set.images, names, work)
     timings["guide_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    how = resolve_model_score(scfg["model_score"], victim, nll(g, labels), scfg["sigma2"])
+    how = resolve_model_score(scfg["model_score"], victim, nll(g, labels), scfg["sigma2"],
+                              scfg.get("window_rule", "level"))
     if how != scfg["model_score"]:
         log(f"model score {scfg['model_score']}: {how}")
     model_nll = model_scores(victim, arch, train_set.images, labels, how)

@@ -92,7 +92,7 @@ def split(guide_nll: np.ndarray, model_nll: np.ndarray, sigma1: float = 0.2, sig
 
 
 def history_window(loss_history: np.ndarray, guide_nll: np.ndarray, sigma2: float = 0.1, width: int = 3,
-                   first: int = 2) -> tuple[int, int]:
+                   first: int = 2, rule: str = "level") -> tuple[int, int]:
     """The epochs (1-based, inclusive) whose mean training loss makes the model score: the `width` epochs from the
     one, at or after `first`, where most guide-suspicious samples (guide rank > 1 − σ2) are among the lowest-loss
     σ2 of all samples — the epoch a shortcut has been learned but the clean data not yet fitted. Epoch 1 is skipped:
@@ -101,15 +101,35 @@ def history_window(loss_history: np.ndarray, guide_nll: np.ndarray, sigma2: floa
     When in no epoch the suspicious samples are among the fastest-learned more often than a random sample (share
     ≤ σ2), the guide does not see the poison (a clean-label attack on real images of the target class), and its
     epoch would be arbitrary — usually the last, where everything is fitted. The window then starts at `first`:
-    a trigger is a shortcut, learned before the clean data."""
+    a trigger is a shortcut, learned before the clean data.
+
+    `rule="gain"` (an option, not the default; docs/benchmarks.md, Fashion-MNIST demo) looks at the *change* instead
+    of the level: per epoch e ≥ `first`, the share of guide-suspicious samples among the σ2 whose loss rank improved
+    most from epoch e − 1 to e (the samples learned in that epoch). Where easy clean samples fill the lowest-loss σ2
+    in every epoch (Fashion-MNIST's trousers and bags), the level share stays at chance while the gain share peaks
+    in the epoch the trigger is learned. The peak must clear chance by three binomial standard deviations, else the
+    window starts at `first`."""
     h = np.asarray(loss_history)
     if h.ndim != 2 or h.shape[1] != len(guide_nll) or len(h) == 0:
         raise CGDError(f"loss history must be (epochs, N) with N = {len(guide_nll)}; got shape {h.shape}")
+    if rule not in ("level", "gain"):
+        raise CGDError(f"unknown history window rule {rule!r}: use 'level' or 'gain'")
     suspicious = percentile_rank(np.asarray(guide_nll)) > 1 - sigma2
     first = min(first, len(h))
-    share = [(percentile_rank(h[e])[suspicious] < sigma2).mean() if suspicious.any() else 0.0
-             for e in range(first - 1, len(h))]
-    start = first + int(np.argmax(share)) if max(share) > sigma2 else first
+    if rule == "level":
+        share = [(percentile_rank(h[e])[suspicious] < sigma2).mean() if suspicious.any() else 0.0
+                 for e in range(first - 1, len(h))]
+        start = first + int(np.argmax(share)) if max(share) > sigma2 else first
+        return start, min(start + width - 1, len(h))
+    share, prev = [], percentile_rank(h[max(first - 2, 0)])
+    for e in range(first - 1, len(h)):
+        now = percentile_rank(h[e])
+        gained = percentile_rank(prev - now) > 1 - sigma2
+        share.append(suspicious[gained].mean() if e > 0 and gained.any() else 0.0)
+        prev = now
+    n_top = max(int(round(sigma2 * h.shape[1])), 1)
+    margin = 3 * np.sqrt(sigma2 * (1 - sigma2) / n_top)
+    start = first + int(np.argmax(share)) if max(share) > sigma2 + margin else first
     return start, min(start + width - 1, len(h))
 
 
