@@ -42,19 +42,19 @@ SCORES = ["snapshot", "final", "history:1-1", "history:1-2", "history:1-3", "his
           "history:1-6", "history:3-6", "history:1-12"]
 
 
-OPTS = {"root": None, "demo": None, "data": "cifar10"}  # set by main()
+OPTS = {"root": None, "demo": None, "data": "cifar10", "seed": 0}  # set by main()
 
 
 def tag(attack: str) -> str:
     """The file-name stem of this run's ablation results."""
     if OPTS["demo"]:
-        return f"demo-{OPTS['data']}"
+        return f"demo-{OPTS['data']}" + (f"-seed{OPTS['seed']}" if OPTS["seed"] else "")
     return f"{attack}-{Path(OPTS['root']).name}" if OPTS["root"] else attack
 
 
 def setup(attack: str):
     if OPTS["demo"]:
-        return setup_demo(Path(OPTS["demo"]), OPTS["data"])
+        return setup_demo(Path(OPTS["demo"]), OPTS["data"], seed=OPTS["seed"])
     cfg = defaults()
     ds = load_dataset(OPTS["data"])
     cls = attacks.ATTACKS.cls(attack)
@@ -73,12 +73,13 @@ def setup(attack: str):
     return ds, ps, victim, g, arch, feats, zfeats
 
 
-def setup_demo(run: Path, data: str, train_size: int = 10000, test_size: int = 2000):
+def setup_demo(run: Path, data: str, train_size: int = 10000, test_size: int = 2000, seed: int = 0):
     """The poisoned subset, victim and cached guide/model features of `cgd demo --data DATA --out RUN` (default
     settings: the same stratified subsets, BadNets at 5 %, the demo's victim batch 128 / lr 0.1)."""
     from cgd.cli import DEMO_VICTIM
 
     cfg = apply_overrides(defaults(), [f"victim.{k}={v}" for k, v in DEMO_VICTIM.items()])
+    cfg["seed"] = cfg["victim"]["seed"] = seed  # as `cgd demo --seed`
     full = load_dataset(data)
     train = stratified_subset(full.train, train_size, cfg["seed"])
     test = stratified_subset(full.test, test_size, cfg["seed"])
@@ -248,13 +249,14 @@ def main():
     p.add_argument("--name", default=None)
     p.add_argument("--root", default=None, help="a `cgd bench --root` folder whose victims to use")
     p.add_argument("--demo", default=None, help="a `cgd demo --out` run directory whose victim to use")
+    p.add_argument("--seed", type=int, default=0, help="with --demo: the demo's --seed")
     p.add_argument("--data", default="cifar10", help="dataset of the victims (with --demo: the demo's --data)")
     p.add_argument("--split", default="{}", help="JSON of split overrides for `unlearn` (e.g. spectral_dp)")
     p.add_argument("--oracle", default="none", choices=["none", "dc", "dp"],
                    help="DIAGNOSIS ONLY: move the known poison out of D_c (dc) or into D_p (dp)")
     p.add_argument("overrides", nargs="?", default="{}", help="JSON of UnlearnConfig overrides")
     a = p.parse_intermixed_args()
-    OPTS.update(root=a.root, demo=a.demo, data=a.data)
+    OPTS.update(root=a.root, demo=a.demo, data=a.data, seed=a.seed)
     if a.what == "split":
         split_table(a.attack)
     elif a.what == "purify":
