@@ -184,13 +184,19 @@ def unlearn_variant(attack: str, base: str, overrides: dict, model_score: str, n
 def extra_rank(s: Split, ps, zfeats, scfg: dict) -> Split:
     """Ablation-only split additions from the victim's own features (spectral axis; off unless asked):
     `spectral_dp = q` moves samples whose per-class spectral rank is > 1 − q into D_p (out of D_c and mixed);
-    `spectral_out = q` only moves them out of D_c (into mixed); `spectral_signed` uses the signed projection;
-    `spectral_classes` limits both to the listed classes."""
+    `spectral_out = q` only moves them out of D_c (into mixed). `spectral_orient`: "none" (squared projection),
+    "skew" (signed, longer tail positive) or "fast" (signed, toward the side the model learned faster: low model
+    rank of the split). `spectral_classes` limits both to the listed classes (a known target is diagnosis only)."""
     q_dp, q_out = scfg.get("spectral_dp", 0), scfg.get("spectral_out", 0)
     if not (q_dp or q_out):
         return s
     labels = ps.train.labels
-    r = per_class_rank(spectral_scores(zfeats(), labels, signed=scfg.get("spectral_signed", False)), labels)
+    orient = scfg.get("spectral_orient", "none")
+    if orient not in ("none", "skew", "fast"):
+        raise ValueError(f"spectral_orient {orient!r}")
+    sc = spectral_scores(zfeats(), labels, signed=orient == "skew",
+                         toward=-s.model_rank if orient == "fast" else None)
+    r = per_class_rank(sc, labels)
     only = scfg.get("spectral_classes")
     inside = np.isin(labels, only) if only is not None else np.ones(len(labels), bool)
     flag_dp = np.flatnonzero(inside & (r > 1 - q_dp)) if q_dp else np.zeros(0, int)
@@ -203,40 +209,41 @@ def extra_rank(s: Split, ps, zfeats, scfg: dict) -> Split:
 
 def spectral_table(attack: str) -> None:
     """Per class: AUROC against the training poison mask of the spectral score (squared projection on the top
-    singular vector of the centred penultimate features of the final victim) and of the signed projection (with
-    its label-free orientation, and the better orientation for reference); then the default split, and the split
-    with the spectral rank added, per share q."""
+    singular vector of the centred penultimate features of the final victim) and of the signed projection (skew
+    orientation, the orientation toward the faster-learned side, and the better one for reference); then the
+    default split, and the split with the spectral rank added, per share q."""
     ds, ps, victim, g, arch, feats, zfeats = setup(attack)
     labels, mask = ps.train.labels, ps.poison_mask
     f = zfeats()
+    base = defaults()["split"]
+    how = resolve_model_score(base["model_score"], victim, nll(g, labels), base["sigma2"])
+    ms = model_scores(victim, arch, ps.train.images, labels, how)
+    s, _ = score_and_split(labels, g, ms, base, ps.train.num_classes, feats, zfeats)
     sq, sg = spectral_scores(f, labels), spectral_scores(f, labels, signed=True)
+    sf = spectral_scores(f, labels, toward=-s.model_rank)
     per_class = {}
     for c in range(ps.train.num_classes):
         m = labels == c
         if mask[m].any() and (~mask[m]).any():
             a_sg = auroc(sg[m], mask[m])
             per_class[int(c)] = {"n": int(m.sum()), "poisoned": int(mask[m].sum()), "auroc_sq": auroc(sq[m], mask[m]),
-                                 "auroc_signed": a_sg, "auroc_signed_best_orientation": max(a_sg, 1 - a_sg)}
+                                 "auroc_signed_skew": a_sg, "auroc_signed_fast": auroc(sf[m], mask[m]),
+                                 "auroc_signed_best_orientation": max(a_sg, 1 - a_sg),
+                                 "auroc_model_score": auroc(-ms[m], mask[m])}
             print(c, {k: round(v, 3) for k, v in per_class[int(c)].items()}, flush=True)
-    rs, rg = per_class_rank(sq, labels), per_class_rank(sg, labels)
-    base = defaults()["split"]
-    how = resolve_model_score(base["model_score"], victim, nll(g, labels), base["sigma2"])
-    ms = model_scores(victim, arch, ps.train.images, labels, how)
-    s, _ = score_and_split(labels, g, ms, base, ps.train.num_classes, feats, zfeats)
     rows = {"default": detection_metrics(mask, s)}
-    for signed in (False, True):
+    for orient in ("none", "skew", "fast"):
         for kind in ("dp", "out"):
-            for q in (0.1, 0.2, 0.3):
+            for q in (0.1, 0.3, 0.5):
                 for cls in (None, [ps.target]):
-                    sc = dict(base, **{f"spectral_{kind}": q, "spectral_signed": signed, "spectral_classes": cls})
-                    key = f"{'signed' if signed else 'squared'} {kind} q{q} {'target class' if cls else 'all classes'}"
+                    sc = dict(base, **{f"spectral_{kind}": q, "spectral_orient": orient, "spectral_classes": cls})
+                    key = f"orient {orient} {kind} q{q} {'target class (known)' if cls else 'all classes'}"
                     rows[key] = detection_metrics(mask, extra_rank(s, ps, lambda: f, sc))
                     d = rows[key]
                     print(key, {k: round(d[k], 4) if isinstance(d[k], float) else d[k]
                                 for k in ("tpr", "fpr", "poison_in_clean", "n_clean", "n_poison")}, flush=True)
     out = {"attack": attack, "model_score": how, "victim_root": OPTS["root"] or OPTS["demo"],
-           "per_class": per_class, "splits": rows, "date": time.strftime("%Y-%m-%d %H:%M"),
-           "auroc_all_sq_rank": auroc(rs, mask), "auroc_all_signed_rank": auroc(rg, mask)}
+           "per_class": per_class, "splits": rows, "date": time.strftime("%Y-%m-%d %H:%M")}
     write_json(ROOT / "results" / "ablation" / f"{tag(attack)}-spectral.json", out)
 
 

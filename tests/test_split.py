@@ -191,3 +191,20 @@ def test_history_window_gain_rule_finds_the_epoch_poison_is_learned_behind_easy_
     assert history_window(h, guide, sigma2=0.1, rule="gain") == (2, 4)
     with pytest.raises(CGDError):
         history_window(h, guide, rule="slope")
+
+
+def test_spectral_scores_oriented_toward_a_reference_when_half_the_class_is_poisoned():
+    from cgd.split import spectral_scores
+
+    rng = np.random.default_rng(3)
+    n, d = 1000, 16
+    labels = np.zeros(n, int)
+    poison = np.arange(n) < 500  # half the class: the two sides of the top direction are equally heavy
+    f = rng.normal(size=(n, d))
+    f[poison, 0] += 4.0
+    fast = poison + 0.8 * rng.normal(size=n)  # a noisy reference that leans toward the poison
+    a = auroc(spectral_scores(f, labels, toward=fast), poison)
+    assert a > 0.99
+    assert auroc(spectral_scores(f, labels, toward=-fast), poison) < 0.01  # the reference decides the side
+    with pytest.raises(CGDError):
+        spectral_scores(f, labels, toward=np.zeros(3))

@@ -240,22 +240,30 @@ def detection_metrics(poison_mask: np.ndarray, s: Split) -> dict[str, float]:
     }
 
 
-def spectral_scores(features: np.ndarray, labels: np.ndarray, signed: bool = False) -> np.ndarray:
+def spectral_scores(features: np.ndarray, labels: np.ndarray, signed: bool = False,
+                    toward: np.ndarray | None = None) -> np.ndarray:
     """Per class, each sample's projection on the top singular vector of that class's centred features (a third
     detection axis, from the suspicious model's own representation; not used by the default split).
 
     A trigger learned as a shortcut adds one shared direction to the poisoned samples of the target class, which
     then dominates that class's largest singular direction. `signed=False` gives the squared projection (large for
     both ends of that direction: the usual spectral-signature outlier score); `signed=True` gives the projection
-    itself, oriented so that the longer tail (positive skew) is positive — the side a minority cluster sits on.
-    Scores are comparable within a class, not across classes (rank them per class). Classes with one sample
-    score 0."""
+    itself, oriented so that the longer tail (positive skew) is positive — the side a minority cluster sits on — or,
+    with `toward` (one reference score per sample, e.g. how fast the model learned it), so that within each class
+    it correlates non-negatively with `toward`. (Where half a class is poisoned, as in CTRL, the skew cannot tell
+    the sides apart; docs/benchmarks.md.) Scores are comparable within a class, not across classes (rank them per
+    class). Classes with one sample score 0."""
     f = np.asarray(features, dtype=np.float64)
     labels = np.asarray(labels)
     if f.ndim != 2 or len(f) != len(labels):
         raise CGDError(f"features must be (N, D) with one row per label; got {f.shape} for {len(labels)} labels")
     if not np.isfinite(f).all():
         raise CGDError("features contain NaN or infinity")
+    if toward is not None:
+        toward = np.asarray(toward, dtype=np.float64)
+        if toward.shape != (len(f),) or not np.isfinite(toward).all():
+            raise CGDError(f"toward must be {len(f)} finite numbers; got shape {toward.shape}")
+        signed = True
     out = np.zeros(len(f), dtype=np.float64)
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
@@ -265,7 +273,10 @@ def spectral_scores(features: np.ndarray, labels: np.ndarray, signed: bool = Fal
         # the top right singular vector = the top eigenvector of the (D × D) scatter matrix: cheap for D ≪ N
         _, vecs = np.linalg.eigh(x.T @ x)
         p = x @ vecs[:, -1]
-        if signed:
+        if toward is not None:
+            t = toward[idx] - toward[idx].mean()
+            out[idx] = p if (p * t).sum() >= 0 else -p
+        elif signed:
             out[idx] = p if (p ** 3).mean() >= 0 else -p
         else:
             out[idx] = p ** 2
