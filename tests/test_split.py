@@ -166,3 +166,61 @@ def test_fill_clean_classes_tops_up_from_the_most_trusted_mixed_samples():
     all_poison = Split(s.clean, np.array([3, 4, 5, 6]), np.array([8, 9]), guide, model, guide, model)
     with pytest.raises(CGDError, match=r"class\(es\) \[1\] have no training sample outside"):
         fill_clean_classes(all_poison, labels, 3, minimum=2)
+
+
+def test_spectral_scores_find_a_shared_direction_inside_one_class():
+    from cgd.split import per_class_rank, spectral_scores
+
+    rng = np.random.default_rng(0)
+    n, d = 2000, 32
+    labels = rng.integers(0, 4, n)
+    f = rng.normal(size=(n, d)) + 5.0 * labels[:, None]  # class means differ: must not matter (centred per class)
+    poison = (labels == 0) & (rng.random(n) < 0.3)  # 30 % of class 0 carry a shared shift along one direction
+    direction = rng.normal(size=d)
+    f[poison] += 1.5 * direction / np.linalg.norm(direction) * np.sqrt(d) / 2
+    sq = spectral_scores(f, labels)
+    sg = spectral_scores(f, labels, signed=True)
+    in0 = labels == 0
+    assert auroc(sq[in0], poison[in0]) > 0.9
+    assert auroc(sg[in0], poison[in0]) > 0.95  # the minority side is the positive tail
+    # in classes without poison the scores are the ordinary top-PC spread: no sample stands out by class
+    r = per_class_rank(sq, labels)
+    for c in range(4):
+        assert r[labels == c].max() == pytest.approx(1.0)
+    # scale-free per class, and a broken input is an error
+    assert auroc(spectral_scores(f * 3.0, labels)[in0], poison[in0]) == pytest.approx(auroc(sq[in0], poison[in0]))
+    with pytest.raises(CGDError):
+        spectral_scores(np.full((3, 2), np.nan), np.zeros(3, int))
+
+
+def test_history_window_gain_rule_finds_the_epoch_poison_is_learned_behind_easy_samples():
+    rng = np.random.default_rng(2)
+    n = 2000
+    guide = np.where(np.arange(n) < 200, 5.0, 0.0) + rng.random(n)  # flags 0..199; 0..99 are the poison
+    h = rng.random((12, n)) + 1.0
+    h[:, 1000:1400] = 0.001 * rng.random((12, 400))  # easy clean samples fill the lowest-loss 10 % in every epoch
+    h[:2, :100] += 2.0  # the poison is slow in epochs 1-2...
+    h[2:, :100] = 0.5 + 0.1 * rng.random((10, 100))  # ...then learned in epoch 3, though never among the fastest
+    assert history_window(h, guide, sigma2=0.1) != (3, 5)  # the level rule is blind to it (chance in every epoch)
+    assert history_window(h, guide, sigma2=0.1, rule="gain") == (3, 5)
+    h[2:, :100] = h[1, :100]  # nothing learned: the gain share stays at chance, so the window starts at `first`
+    assert history_window(h, guide, sigma2=0.1, rule="gain") == (2, 4)
+    with pytest.raises(CGDError):
+        history_window(h, guide, rule="slope")
+
+
+def test_spectral_scores_oriented_toward_a_reference_when_half_the_class_is_poisoned():
+    from cgd.split import spectral_scores
+
+    rng = np.random.default_rng(3)
+    n, d = 1000, 16
+    labels = np.zeros(n, int)
+    poison = np.arange(n) < 500  # half the class: the two sides of the top direction are equally heavy
+    f = rng.normal(size=(n, d))
+    f[poison, 0] += 4.0
+    fast = poison + 0.8 * rng.normal(size=n)  # a noisy reference that leans toward the poison
+    a = auroc(spectral_scores(f, labels, toward=fast), poison)
+    assert a > 0.99
+    assert auroc(spectral_scores(f, labels, toward=-fast), poison) < 0.01  # the reference decides the side
+    with pytest.raises(CGDError):
+        spectral_scores(f, labels, toward=np.zeros(3))

@@ -32,7 +32,8 @@ class SplitConfig:
     model_score: str = "history"  # "history": mean recorded training loss over `window`; "snapshot": NLL under
     # the epoch-T snapshot (the paper); "final": NLL under the final model
     window: tuple[int, int] | None = None  # epochs A..B (1-based, inclusive) of the loss history; None: chosen by
-    # `history_window`
+    # `history_window`, by its `window_rule` ("level", or "gain": an option under study, docs/benchmarks.md)
+    window_rule: str = "level"
     refine_rounds: int = 2  # times the guide is sharpened by a linear probe on its own features (0: zero-shot)
     purify: float = 0.7  # share of each class's D_c kept by the neighbour purification (0: off)
     neighbours: int = 20  # neighbours in the suspicious model's feature space, for the purification
@@ -55,6 +56,8 @@ class SplitConfig:
         number("neighbours", 1, 1000, integer=True)
         number("refine_rounds", 0, 10, integer=True)
         number("min_clean_per_class", 0, 1000, integer=True)
+        if self.window_rule not in ("level", "gain"):
+            raise CGDError(f"unknown split.window_rule {self.window_rule!r}: use 'level' or 'gain'")
         if self.model_score not in ("history", "snapshot", "final"):
             raise CGDError(f"unknown split.model_score {self.model_score!r}: use snapshot, final, history:auto or "
                            "history:A-B")
@@ -173,7 +176,7 @@ def split(guide_nll: np.ndarray, model_nll: np.ndarray, sigma1: float = 0.2, sig
 
 
 def history_window(loss_history: np.ndarray, guide_nll: np.ndarray, sigma2: float = 0.1, width: int = 3,
-                   first: int = 2) -> tuple[int, int]:
+                   first: int = 2, rule: str = "level") -> tuple[int, int]:
     """The epochs (1-based, inclusive) whose mean training loss makes the model score: the `width` epochs from the
     one, at or after `first`, where most guide-suspicious samples (guide rank > 1 − σ2) are among the lowest-loss
     σ2 of all samples — the epoch a shortcut has been learned but the clean data not yet fitted. Epoch 1 is skipped:
@@ -182,15 +185,35 @@ def history_window(loss_history: np.ndarray, guide_nll: np.ndarray, sigma2: floa
     When in no epoch the suspicious samples are among the fastest-learned more often than a random sample (share
     ≤ σ2), the guide does not see the poison (a clean-label attack on real images of the target class), and its
     epoch would be arbitrary — usually the last, where everything is fitted. The window then starts at `first`:
-    a trigger is a shortcut, learned before the clean data."""
+    a trigger is a shortcut, learned before the clean data.
+
+    `rule="gain"` (an option, not the default; docs/benchmarks.md, Fashion-MNIST demo) looks at the *change* instead
+    of the level: per epoch e ≥ `first`, the share of guide-suspicious samples among the σ2 whose loss rank improved
+    most from epoch e − 1 to e (the samples learned in that epoch). Where easy clean samples fill the lowest-loss σ2
+    in every epoch (Fashion-MNIST's trousers and bags), the level share stays at chance while the gain share peaks
+    in the epoch the trigger is learned. The peak must clear chance by three binomial standard deviations, else the
+    window starts at `first`."""
     h = np.asarray(loss_history)
     if h.ndim != 2 or h.shape[1] != len(guide_nll) or len(h) == 0:
         raise CGDError(f"loss history must be (epochs, N) with N = {len(guide_nll)}; got shape {h.shape}")
+    if rule not in ("level", "gain"):
+        raise CGDError(f"unknown history window rule {rule!r}: use 'level' or 'gain'")
     suspicious = percentile_rank(np.asarray(guide_nll)) > 1 - sigma2
     first = min(first, len(h))
-    share = [(percentile_rank(h[e])[suspicious] < sigma2).mean() if suspicious.any() else 0.0
-             for e in range(first - 1, len(h))]
-    start = first + int(np.argmax(share)) if max(share) > sigma2 else first
+    if rule == "level":
+        share = [(percentile_rank(h[e])[suspicious] < sigma2).mean() if suspicious.any() else 0.0
+                 for e in range(first - 1, len(h))]
+        start = first + int(np.argmax(share)) if max(share) > sigma2 else first
+        return start, min(start + width - 1, len(h))
+    share, prev = [], percentile_rank(h[max(first - 2, 0)])
+    for e in range(first - 1, len(h)):
+        now = percentile_rank(h[e])
+        gained = percentile_rank(prev - now) > 1 - sigma2
+        share.append(suspicious[gained].mean() if e > 0 and gained.any() else 0.0)
+        prev = now
+    n_top = max(int(round(sigma2 * h.shape[1])), 1)
+    margin = 3 * np.sqrt(sigma2 * (1 - sigma2) / n_top)
+    start = first + int(np.argmax(share)) if max(share) > sigma2 + margin else first
     return start, min(start + width - 1, len(h))
 
 
@@ -326,6 +349,59 @@ def detection_metrics(poison_mask: np.ndarray, s: Split) -> dict[str, float]:
     }
 
 
+def spectral_scores(features: np.ndarray, labels: np.ndarray, signed: bool = False,
+                    toward: np.ndarray | None = None) -> np.ndarray:
+    """Per class, each sample's projection on the top singular vector of that class's centred features (a third
+    detection axis, from the suspicious model's own representation; not used by the default split).
+
+    A trigger learned as a shortcut adds one shared direction to the poisoned samples of the target class, which
+    then dominates that class's largest singular direction. `signed=False` gives the squared projection (large for
+    both ends of that direction: the usual spectral-signature outlier score); `signed=True` gives the projection
+    itself, oriented so that the longer tail (positive skew) is positive — the side a minority cluster sits on — or,
+    with `toward` (one reference score per sample, e.g. how fast the model learned it), so that within each class
+    it correlates non-negatively with `toward`. (Where half a class is poisoned, as in CTRL, the skew cannot tell
+    the sides apart; docs/benchmarks.md.) Scores are comparable within a class, not across classes (rank them per
+    class). Classes with one sample score 0."""
+    f = np.asarray(features, dtype=np.float64)
+    labels = np.asarray(labels)
+    if f.ndim != 2 or len(f) != len(labels):
+        raise CGDError(f"features must be (N, D) with one row per label; got {f.shape} for {len(labels)} labels")
+    if not np.isfinite(f).all():
+        raise CGDError("features contain NaN or infinity")
+    if toward is not None:
+        toward = np.asarray(toward, dtype=np.float64)
+        if toward.shape != (len(f),) or not np.isfinite(toward).all():
+            raise CGDError(f"toward must be {len(f)} finite numbers; got shape {toward.shape}")
+        signed = True
+    out = np.zeros(len(f), dtype=np.float64)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < 2:
+            continue
+        x = f[idx] - f[idx].mean(0)
+        # the top right singular vector = the top eigenvector of the (D × D) scatter matrix: cheap for D ≪ N
+        _, vecs = np.linalg.eigh(x.T @ x)
+        p = x @ vecs[:, -1]
+        if toward is not None:
+            t = toward[idx] - toward[idx].mean()
+            out[idx] = p if (p * t).sum() >= 0 else -p
+        elif signed:
+            out[idx] = p if (p ** 3).mean() >= 0 else -p
+        else:
+            out[idx] = p ** 2
+    return out
+
+
+def per_class_rank(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """`percentile_rank` of `scores` within each class."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
+    out = np.zeros(len(scores))
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        out[idx] = percentile_rank(scores[idx])
+    return out
+
+
 # ------------------------------------------------------------------------------------------- the public entry
 
 def find_poison(labels, guide_logits, model_losses, *, guide_features=None, model_features=None,
@@ -401,16 +477,18 @@ def split_by(config: SplitConfig, labels, guide_logits, model_losses, *, guide_f
     if g.ndim != 2 or len(g) != len(labels):
         raise CGDError(f"guide_logits must be (N, C) with N = {len(labels)} labels; got shape {g.shape}")
     num_classes = g.shape[1]
-    losses = np.asarray(model_losses, dtype=np.float64)
+    losses = np.asarray(model_losses)
+    if not np.issubdtype(losses.dtype, np.number):
+        raise CGDError(f"model_losses must be numbers; got dtype {losses.dtype}")
     info: dict = {"skipped": []}
     if losses.ndim == 2:
-        a, b = config.window or history_window(losses, nll(g, labels), config.sigma2)
+        a, b = config.window or history_window(losses, nll(g, labels), config.sigma2, rule=config.window_rule)
         if not 1 <= a <= b <= len(losses):
             raise CGDError(f"model score window {a}-{b}: epochs must lie in 1..{len(losses)}")
-        model_nll = losses[a - 1:b].mean(axis=0)
+        model_nll = losses[a - 1:b].mean(axis=0).astype(np.float64)  # (a float32 history averages in float32)
         info["model_score"] = f"history:{a}-{b}"
     elif losses.ndim == 1 and len(losses) == len(labels):
-        model_nll = losses
+        model_nll = losses.astype(np.float64)
         info["model_score"] = "given NLL"
     else:
         raise CGDError(f"model_losses must be (epochs, N) or (N,) with N = {len(labels)}; got shape {losses.shape}")
