@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from cgd.data import Dataset, ImageSet
+
+# Tiny tensors gain nothing from a second thread, and on a busy machine two threads per process fight the other
+# jobs for the cores (seen: the unlearning test 2 s with one thread, 52 s with two beside two other jobs).
+torch.set_num_threads(1)
 
 NAMES = ["red", "green", "blue", "yellow"]
 
