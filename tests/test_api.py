@@ -84,3 +84,15 @@ def test_the_examples_in_docs_api_md_run(n):
     blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(), flags=re.S)
     assert len(blocks) == 2
     exec(compile(blocks[n - 1], f"{DOCS}:example {n}", "exec"), {})
+
+
+@pytest.mark.parametrize("module, some", [("attacks", "badnets"), ("guides", "imagenet-text"), ("models", "fastnet")])
+def test_every_registry_lists_alike_with_a_filter_and_a_summary_each(module, some):
+    import importlib
+
+    mod = importlib.import_module(f"cgd.{module}")
+    every = mod.list()
+    assert some in every and list(every) == sorted(every)
+    assert all(isinstance(v, str) and v and "\n" not in v for v in every.values())  # a one-line summary each
+    assert mod.list(some) == {some: every[some]} and mod.list("no-such-*") == {}
+    assert set(mod.list(some[:2] + "*")) == {n for n in every if n.startswith(some[:2])}

@@ -148,8 +148,7 @@ def cmd_attack(args) -> int:
     from .io import prepare_dir, staged_outputs
 
     if args.list:
-        for name in attacks.ATTACKS.names():
-            doc = " ".join((attacks.ATTACKS.cls(name).__doc__ or "").strip().split("\n\n")[0].split())
+        for name, doc in attacks.list().items():
             print(f"{name:12s} {doc if len(doc) <= 110 else doc[:107] + '...'}")
         return 0
     if not args.out:
@@ -311,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     except CGDError as e:
         print(f"cgd {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader went away (`cgd attack --list | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as e:  # the disk or the system said no (full, read-only, ...): one line, no traceback
         where = f"{e.filename}: " if e.filename else ""
         print(f"cgd {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)

@@ -1,7 +1,9 @@
-"""A tiny name -> class registry shared by attacks, models and guides."""
+"""A tiny name -> class registry shared by attacks, models and guides (`cgd.attacks.list()`, `cgd.guides.list()`,
+`cgd.models.list()` all answer from one of these)."""
 
 from __future__ import annotations
 
+import fnmatch
 from typing import Callable, Generic, TypeVar
 
 from . import CGDError
@@ -35,3 +37,12 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return sorted(self._items)
+
+    def list(self, filter: str = "*") -> dict[str, str]:
+        """Registered names matching the shell-style pattern `filter` (e.g. "*sig*"), each with its one-line
+        summary, in name order."""
+        return {n: self.summary(n) for n in self.names() if fnmatch.fnmatchcase(n, filter)}
+
+    def summary(self, name: str) -> str:
+        """The first paragraph of the entry's docstring, on one line."""
+        return " ".join((self.cls(name).__doc__ or "").strip().split("\n\n")[0].split())

@@ -26,6 +26,7 @@ GUIDES.register("open_clip")(open_clip_guide)
 @GUIDES.register("noisy")
 def _noisy(guide: Guide | str = "imagenet-text", gumbel_scale: float = 1.0, seed: int = 0,
            guide_params: dict | None = None) -> NoisyGuide:
+    """Another guide's logits plus seeded Gumbel noise: a deliberately weakened guide (the paper's §5.4.1)."""
     inner = get(guide, **(guide_params or {})) if isinstance(guide, str) else guide
     return NoisyGuide(inner, gumbel_scale=gumbel_scale, seed=seed)
 
@@ -37,3 +38,8 @@ def get(name: str, **params) -> Guide:
 
 __all__ = ["GUIDES", "DEFAULT_PROMPT", "Guide", "ClipGuide", "ImageNetTextGuide", "NoisyGuide", "check_class_names",
            "flip_auroc", "get", "hf_clip", "measure", "open_clip_guide", "zero_shot_top1"]
+
+
+def list(filter: str = "*") -> dict:  # noqa: A001 - `cgd.guides.list()`, like the other registries
+    """The guides whose names match the shell-style pattern `filter`, each with a one-line summary."""
+    return GUIDES.list(filter)

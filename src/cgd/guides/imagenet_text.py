@@ -25,6 +25,9 @@ from .cache import RowCache, image_hashes
 
 
 class ImageNetTextGuide(Guide):
+    """The offline default: EfficientNet-Lite0's ImageNet probabilities mapped onto the task's class names by
+    MiniLM text similarity (no CLIP weights needed)."""
+
     id = "imagenet-text"
 
     def __init__(self, resolution: int = 160, temperature: float = 2.0, text: str = "definition",

@@ -9,6 +9,8 @@ parameters imply (built on the meta device: nothing is allocated), and only then
 
 from __future__ import annotations
 
+import builtins
+
 import inspect
 import json
 import math
@@ -158,8 +160,8 @@ def save_model(model: nn.Module, path: str | Path, *, input_size: tuple[int, int
     spec = model.cgd_spec
     cls = MODELS.cls(spec["name"])
     trained = {k: v for k, v in spec.items() if k in ("input_size", "class_names")}
-    trained |= _check_trained_on(cls, spec["params"], None if input_size is None else list(input_size),
-                                None if class_names is None else list(class_names), path.name)
+    trained |= _check_trained_on(cls, spec["params"], None if input_size is None else builtins.list(input_size),
+                                None if class_names is None else builtins.list(class_names), path.name)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     atomic_write_bytes(path, save(state))
     sidecar = {**meta, "name": spec["name"], "params": spec["params"], **trained}
@@ -170,10 +172,10 @@ def _check_trained_on(cls, params: dict, input_size, class_names, where: str) ->
     """The sidecar's `input_size` and `class_names`, checked (either may be absent: None)."""
     out = {}
     if input_size is not None:
-        out["input_size"] = list(Ints(2, cls.MIN_INPUT, MAX_INPUT_SIDE).check(input_size, f"{where}: input_size"))
+        out["input_size"] = builtins.list(Ints(2, cls.MIN_INPUT, MAX_INPUT_SIDE).check(input_size, f"{where}: input_size"))
     if class_names is not None:
         k = _resolved(cls, params)["num_classes"]
-        if not isinstance(class_names, list) or len(class_names) != k \
+        if not isinstance(class_names, builtins.list) or len(class_names) != k \
                 or any(type(c) is not str for c in class_names) or len(set(class_names)) != k:
             raise CGDError(f"{where}: class_names must be a list of {k} distinct strings (one per class); "
                            f"got {show(class_names)}")
@@ -291,7 +293,7 @@ def _check_header(header, expected: dict, arch: str, where: str) -> int:
             raise CGDError(f"{where}: tensor {k!r} has dtype {show(e['dtype'])}; this {arch} stores {code}")
         if not _naturals(e["shape"]) or tuple(e["shape"]) != shape:
             raise CGDError(f"{where}: tensor {k!r} has shape {show(e['shape'])}; the sidecar's params make it "
-                           f"{list(shape)}")
+                           f"{builtins.list(shape)}")
         off, nbytes = e["data_offsets"], math.prod(shape) * itemsize
         if not _naturals(off) or len(off) != 2 or off[1] - off[0] != nbytes:
             raise CGDError(f"{where}: tensor {k!r} has data_offsets {show(off)}; its {nbytes:,} bytes need "
@@ -307,7 +309,7 @@ def _check_header(header, expected: dict, arch: str, where: str) -> int:
 
 
 def _naturals(v) -> bool:
-    return isinstance(v, list) and all(type(x) is int and x >= 0 for x in v)
+    return isinstance(v, builtins.list) and all(type(x) is int and x >= 0 for x in v)
 
 
 # ------------------------------------------------------------------------------------------------ compatibility
@@ -335,7 +337,7 @@ def check_compatible(model: nn.Module, data: ImageSet, model_name: str, data_nam
         raise CGDError(f"{data_name} has {h}x{w} px images but {model_name} ({spec['name']}) needs at least "
                        f"{cls.MIN_INPUT}x{cls.MIN_INPUT} px")
     size = spec.get("input_size")
-    if size is not None and list(size) != [h, w]:
+    if size is not None and builtins.list(size) != [h, w]:
         raise CGDError(f"{model_name} was trained on {size[0]}x{size[1]} px images but {data_name} has {h}x{w} px "
                        "images")
     unknown = [what for what in ("input_size", "class_names") if spec.get(what) is None]
@@ -347,3 +349,8 @@ def check_compatible(model: nn.Module, data: ImageSet, model_name: str, data_nam
 def _names(names: list[str], most: int = 10) -> str:
     shown = ", ".join(names[:most])
     return shown if len(names) <= most else f"{shown}, ... ({len(names)} in all)"
+
+
+def list(filter: str = "*") -> dict:  # noqa: A001 - `cgd.models.list()`, like the other registries
+    """The architectures whose names match the shell-style pattern `filter`, each with a one-line summary."""
+    return MODELS.list(filter)
