@@ -1,4 +1,5 @@
-"""CGD's meta data split (paper §4.1) and its detection metrics, as pure NumPy functions.
+"""CGD's meta data split (paper §4.1), the cpu recipe's additions and the detection metrics, as array functions
+(NumPy; torch only for the neighbour search's top-k). `find_poison` is the public entry, `SplitConfig` its settings.
 
 Two per-sample scores, both negative log-likelihoods of the sample's given label:
 * guide NLL — high when a clean guide disagrees with the label (poison-label attacks);
@@ -9,7 +10,9 @@ and the rest is "mixed".
 
 On top of the paper, `purify` shrinks D_c to the samples most trusted by three signals at once — the guide agrees, the
 model did not learn them suspiciously fast, and few of their nearest neighbours in the suspicious model's own feature
-space lie in D_p (a trigger makes poisoned samples cluster there, so poison that slipped into D_c sits among D_p).
+space lie in D_p (a trigger makes poisoned samples cluster there, so poison that slipped into D_c sits among D_p);
+the guide is sharpened by a linear probe on its own features (`refine.probe_logits`); and the model score is the mean
+recorded training loss over the early epochs `history_window` picks.
 """
 
 from __future__ import annotations
