@@ -122,3 +122,33 @@ def test_imageset_is_immutable_and_validates():
     with pytest.raises(CGDError, match="duplicates"):
         ImageSet(np.zeros((2, 4, 4, 3), np.uint8), np.array([0, 1]), ["a", "a"])
     assert isinstance(Dataset(s, s).class_names, list)
+
+
+@pytest.mark.parametrize("readme, folders, names, label0_red", [
+    # Tiny-ImageNet / Imagenette: index, WordNet id, name (first synonym kept); the README's order is the label order
+    ("Tiny subset\nClass list (index, wnid, words.txt name), order = wnids.txt:\n"
+     "  000\tn02124075\tEgyptian cat\n  001\tn01443537\tgoldfish, Carassius auratus\n\nCaveats: none\n",
+     ("n01443537", "n02124075"), ["Egyptian cat", "goldfish"], True),
+    # GTSRB: numbered folders; the per-class count lines above the header are not names
+    ("Per-class counts:\n  00 train=210 test=60\nClass names (class_id order):\n  00\tspeed limit 20 km/h\n"
+     "  01\tstop\n", ("00", "01"), ["speed limit 20 km/h", "stop"], False),
+])
+def test_a_class_names_file_beside_a_tarball_names_and_orders_the_folders(tmp_path, readme, folders, names,
+                                                                          label0_red):
+    files = {f"{split}/{c}/{i}.jpg": _jpeg((200 * k, 0, 0)) for split in ("train", "val")  # the 2nd folder red
+             for k, c in enumerate(folders) for i in range(2)}
+    (tmp_path / "set.README.txt").write_text(readme)
+    ds = load_dataset(_tar(tmp_path / "set.tar.gz", files))  # val/ is the test split
+    assert ds.class_names == names and len(ds.test) == 4
+    red = ds.train.images[..., 0].mean(axis=(1, 2)) > 100
+    assert (red[ds.train.labels == 0] == label0_red).all()  # label 0 is the README's first class
+
+
+def test_a_named_dataset_is_found_in_the_search_paths_or_refused_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("CGD_DATA", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CGDError, match="gtsrb: none of gtsrb.tar.gz found"):
+        load_dataset("gtsrb")
+    files = {f"{split}/{c}/0.jpg": _jpeg((0, 0, 0)) for split in ("train", "test") for c in ("00", "01")}
+    _tar(tmp_path / "gtsrb.tar.gz", files)
+    assert load_dataset("gtsrb").class_names == ["00", "01"]  # no README: the folder names

@@ -27,8 +27,9 @@ data is found automatically (CIFAR-10 in ../shared/data or $CGD_DATA, else Fashi
 
 def _common(p: argparse.ArgumentParser, data_default: str = "auto") -> None:
     p.add_argument("--data", default=data_default, metavar="PATH|NAME",
-                   help="dataset: an .npz, a CIFAR-10 tarball/folder, 'cifar10', 'fashion-mnist' or 'auto' "
-                        "(default: %(default)s)")
+                   help="dataset: an .npz, an image tarball (train/ and test/ or val/ class folders), a "
+                        "cifar-10-batches-py folder, or a name: cifar10, gtsrb, tiny-imagenet, imagenette, "
+                        "fashion-mnist, auto (default: %(default)s)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: the config's, 0)")
 
 

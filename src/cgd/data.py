@@ -14,6 +14,7 @@ import math
 import os
 import pickle
 import pickletools
+import re
 import tarfile
 import urllib.request
 import warnings
@@ -314,15 +315,54 @@ def _member_bytes(tf: tarfile.TarFile, m: tarfile.TarInfo, path: Path) -> bytes:
 
 
 def _split_class_file(name: str) -> tuple[str, str, str] | None:
-    """`(split, class, file)` of a member named `[prefix/]train|test/<class>/<file>`, else None."""
+    """`(split, class, file)` of a member named `[prefix/]train|test|val/<class>/<file>` (val is the test split,
+    as in Tiny-ImageNet and Imagenette), else None."""
     parts = Path(name).parts
-    parts = parts[parts.index("train") if "train" in parts else parts.index("test") if "test" in parts else 0:]
-    return parts if len(parts) == 3 and parts[0] in ("train", "test") else None
+    start = next((i for i, p in enumerate(parts) if p in ("train", "test", "val")), None)
+    if start is None or len(parts) - start != 3:
+        return None
+    split, c, f = parts[start:]
+    return ("test" if split == "val" else split), c, f
+
+
+CLASS_LINE = re.compile(r"\s*(\d+)\s+(?:(n\d{8})\s+)?(\S.*?)\s*$")  # "00  stop" or "003  n04099969  rocking chair"
+
+
+def class_names_file(tarball: Path) -> dict[str, str] | None:
+    """Human class names for the class folders of an image tarball, from `<stem>.README.txt` beside it (the
+    shared data's READMEs) or `<stem>.classes.txt`: the lines under a header that starts with "Class" and ends
+    with ":", each `<index> [<wnid>] <name>`. The folder is the wnid where given, else the index as written; a
+    name is cut to its first comma-separated synonym unless that makes two classes alike. None when there is
+    no such file."""
+    stem = tarball.name.split(".")[0]
+    found = [f for f in (tarball.with_name(f"{stem}.README.txt"), tarball.with_name(f"{stem}.classes.txt"))
+             if f.is_file()]
+    if not found:
+        return None
+    text = read_capped(found[0], 1 << 20, "a class-names file").decode("utf-8", errors="replace")
+    rows, inside = [], found[0].name.endswith(".classes.txt")
+    for line in text.splitlines():
+        if not inside:
+            inside = line.lstrip().startswith("Class") and line.rstrip().endswith(":")
+            continue
+        m = CLASS_LINE.fullmatch(line)
+        if m is None:
+            if rows:
+                break
+            continue
+        rows.append((int(m[1]), m[2] or m[1], m[3]))
+    if not rows:
+        return None
+    rows.sort()
+    short = [name.split(",")[0].strip() for _, _, name in rows]
+    names = short if len(set(short)) == len(short) else [name for _, _, name in rows]
+    return {folder: name for (_, folder, _), name in zip(rows, names)}
 
 
 def _read_image_tarball(path: Path) -> Dataset:
-    """`train|test/<class>/<file>.jpg|png` inside a tar archive; class order = sorted folder names
-    (CIFAR-10's canonical order when the folders are CIFAR-10's)."""
+    """`train|test|val/<class>/<file>.jpg|png` inside a tar archive. Class names and order come from a class-names
+    file beside it (`class_names_file`) when it names every folder; else the sorted folder names (CIFAR-10's
+    canonical order when the folders are CIFAR-10's)."""
     split_items: dict[str, list[tuple[str, str, np.ndarray]]] = {"train": [], "test": []}
     budget = MAX_DATASET_BYTES
     with _open_tar(path) as tf:
@@ -339,14 +379,21 @@ def _read_image_tarball(path: Path) -> Dataset:
     if not split_items["train"] or not split_items["test"]:
         raise CGDError(f"{path}: expected train/<class>/<image> and test/<class>/<image> entries")
     folders = sorted({c for c, _, _ in split_items["train"]})
-    names = CIFAR10_CLASSES if set(folders) == set(CIFAR10_CLASSES) else folders
-    unknown = sorted({c for c, _, _ in split_items["test"]} - set(names))
+    unknown = sorted({c for c, _, _ in split_items["test"]} - set(folders))
     if unknown:
         raise CGDError(f"{path}: test classes {unknown} have no train folder")
+    named = class_names_file(path) or {}
+    if set(folders) <= set(named):  # the class-names file's order and names
+        folders = [f for f in named if f in set(folders)]
+        names = [named[f] for f in folders]
+    else:
+        names = CIFAR10_CLASSES if set(folders) == set(CIFAR10_CLASSES) else folders
+        folders = names
+    index = {f: i for i, f in enumerate(folders)}
     out = []
     for split in ("train", "test"):
-        items = sorted(split_items[split], key=lambda t: (names.index(t[0]), t[1]))
-        out.append(make_imageset(np.stack([im for _, _, im in items]), [names.index(c) for c, _, _ in items], names))
+        items = sorted(split_items[split], key=lambda t: (index[t[0]], t[1]))
+        out.append(make_imageset(np.stack([im for _, _, im in items]), [index[c] for c, _, _ in items], names))
     return Dataset(out[0], out[1], name=path.name.split(".")[0])
 
 
@@ -473,6 +520,10 @@ def _cached(source: Path, reader, name: str | None = None) -> Dataset:
     return ds
 
 
+NAMED_SETS = {"gtsrb": ("gtsrb.tar.gz",), "tiny-imagenet": ("tiny-imagenet.tar.gz",),
+              "imagenette": ("imagenette-subset.tar.gz", "imagenette.tar.gz")}
+
+
 def default_search_paths() -> list[Path]:
     """Where `load_dataset('cifar10')` looks, in order."""
     paths = []
@@ -503,11 +554,20 @@ def load_dataset(spec: str | os.PathLike = "auto") -> Dataset:
 
     * a path to an `.npz`, a JPEG tarball (`train|test/<class>/*.jpg`), or a `cifar-10-batches-py` folder;
     * `cifar10`: the JPEG tarball or the official archive found in `default_search_paths()`;
+    * `gtsrb`, `tiny-imagenet`, `imagenette`: the shared data's tarballs (`NAMED_SETS`) found there, with the class
+      names of the README beside each;
     * `fashion-mnist`: Debian's `dataset-fashion-mnist` package;
     * `auto`: CIFAR-10 if found, else Fashion-MNIST.
     """
     spec = str(spec)
     p = Path(spec).expanduser()
+    if spec in NAMED_SETS and not p.exists():
+        for d in default_search_paths():
+            for name in NAMED_SETS[spec]:
+                if (d / name).is_file():
+                    return load_dataset(d / name)
+        raise CGDError(f"{spec}: none of {', '.join(NAMED_SETS[spec])} found in "
+                       f"{', '.join(map(str, default_search_paths()))}; set CGD_DATA or give --data PATH")
     if spec not in ("auto", "cifar10", "fashion-mnist") or p.exists():
         if not p.exists():
             raise CGDError(f"data path {p} does not exist")
