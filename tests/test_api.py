@@ -48,6 +48,11 @@ def test_find_poison_documents_every_option():
     assert documented == set(sig.parameters)
     assert all(p.kind is p.KEYWORD_ONLY for name, p in sig.parameters.items()
                if name not in ("labels", "guide_logits", "model_losses"))
+    # its defaults are SplitConfig's (None: the recipe's), so the two cannot drift apart
+    from cgd.split import SplitConfig
+    for name, value in SplitConfig().to_dict().items():
+        if name in sig.parameters:
+            assert sig.parameters[name].default in (value, None), name
 
 
 def test_find_poison_without_features_says_what_it_skipped_and_takes_one_nll(tiny):
