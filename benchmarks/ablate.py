@@ -32,7 +32,7 @@ from cgd.data import Dataset, load_dataset, stratified_subset
 from cgd.evaluate import ca_asr
 from cgd.io import write_json
 from cgd.pipeline import guide_features, guide_logits, model_features, model_losses, train_victim
-from cgd.split import (Split, SplitConfig, auroc, detection_metrics, nll, per_class_rank, percentile_rank,
+from cgd.split import (Split, SplitConfig, auroc, bimodality, detection_metrics, nll, per_class_rank, percentile_rank,
                        spectral_scores, split_by)
 from cgd.unlearn import recipe, unlearn
 
@@ -201,6 +201,10 @@ def extra_rank(s: Split, ps, zfeats, scfg: dict) -> Split:
                          toward=-s.model_rank if orient == "fast" else None)
     r = per_class_rank(sc, labels)
     only = scfg.get("spectral_classes")
+    if only == "bimodal":  # label-free: the classes whose signed projection is bimodal (coefficient > 5/9)
+        b = bimodality(spectral_scores(zfeats(), labels, signed=True), labels)
+        only = [c for c, v in b.items() if v > 5 / 9]
+        print("spectral classes (bimodal):", only, {c: round(v, 3) for c, v in b.items()}, flush=True)
     inside = np.isin(labels, only) if only is not None else np.ones(len(labels), bool)
     flag_dp = np.flatnonzero(inside & (r > 1 - q_dp)) if q_dp else np.zeros(0, int)
     flag_out = np.flatnonzero(inside & (r > 1 - max(q_dp, q_out)))

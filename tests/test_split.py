@@ -224,3 +224,15 @@ def test_spectral_scores_oriented_toward_a_reference_when_half_the_class_is_pois
     assert auroc(spectral_scores(f, labels, toward=-fast), poison) < 0.01  # the reference decides the side
     with pytest.raises(CGDError):
         spectral_scores(f, labels, toward=np.zeros(3))
+
+
+def test_bimodality_flags_the_class_split_into_two_clusters():
+    from cgd.split import bimodality, spectral_scores
+
+    rng = np.random.default_rng(4)
+    labels = np.repeat([0, 1], 1000)
+    f = rng.normal(size=(2000, 8))
+    f[:500, 0] += 6.0  # half of class 0 is a separate cluster; class 1 is one Gaussian
+    b = bimodality(spectral_scores(f, labels, signed=True), labels)
+    assert b[0] > 5 / 9 > b[1]
+    assert abs(b[1] - 1 / 3) < 0.05

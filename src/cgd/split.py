@@ -405,6 +405,24 @@ def per_class_rank(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return out
 
 
+def bimodality(scores: np.ndarray, labels: np.ndarray) -> dict[int, float]:
+    """Per class, Sarle's bimodality coefficient (skewness² + 1) / kurtosis of `scores` (e.g. the signed
+    `spectral_scores`): 1/3 for a normal distribution, 5/9 for a uniform one, toward 1 for two separated modes. A
+    class whose top direction splits it into two clusters (half of CTRL's target class) stands out from classes
+    whose top direction is only the spread from easy to hard samples (docs/benchmarks.md, issue 13)."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
+    out = {}
+    for c in np.unique(labels):
+        x = scores[labels == c]
+        sd = x.std()
+        if len(x) < 3 or sd == 0:
+            out[int(c)] = float("nan")
+            continue
+        z = (x - x.mean()) / sd
+        out[int(c)] = float(((z ** 3).mean() ** 2 + 1) / (z ** 4).mean())
+    return out
+
+
 # ------------------------------------------------------------------------------------------- the public entry
 
 def find_poison(labels, guide_logits, model_losses, *, guide_features=None, model_features=None,
