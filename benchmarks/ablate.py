@@ -31,7 +31,8 @@ from cgd.config import apply_overrides, defaults, train_config
 from cgd.data import Dataset, load_dataset, stratified_subset
 from cgd.evaluate import ca_asr
 from cgd.io import write_json
-from cgd.pipeline import guide_features, guide_logits, model_features, model_losses, train_victim
+from cgd.defenses.guided import guide_features, guide_logits, model_features, model_losses
+from cgd.pipeline import train_victim
 from cgd.split import (Split, SplitConfig, auroc, bimodality, detection_metrics, nll, per_class_rank, percentile_rank,
                        spectral_scores, split_by)
 from cgd.unlearn import recipe, unlearn
@@ -100,7 +101,7 @@ def run_split(victim, arch, ps, g, feats, zfeats, scfg: dict) -> tuple[Split, st
     `extra_rank`); returns it and the model score used."""
     fields = SplitConfig().to_dict()
     config = SplitConfig.from_dict({k: v for k, v in scfg.items() if k in fields})
-    ms = model_losses(victim, arch, ps.train.images, ps.train.labels, config)
+    ms = model_losses(victim, ps.train.images, ps.train.labels, config)
     s = split_by(config, ps.train.labels, g, ms, guide_features=feats() if config.refine_rounds else None,
                  model_features=zfeats() if config.purify else None)
     return s, s.info["model_score"] if config.model_score == "history" else config.model_score

@@ -586,3 +586,45 @@ def test_a_fifo_named_like_a_cifar_batch_is_refused_not_waited_on(tmp_path):
     os.mkfifo(root / "data_batch_1")  # opening it for reading would block until a writer came
     with pytest.raises(CGDError, match="data_batch_1: not a regular file"):
         load_dataset(root)
+
+
+# ------------------------------------------------------------------------------------------------ image folders
+
+def _image_folder(root, per_class=3):
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(root / split / c / f"{i}.png")
+    return root
+
+
+def test_image_folder_is_read_with_its_classes_txt(tmp_path):
+    root = _image_folder(tmp_path / "d")
+    ds = load_dataset(root)
+    assert ds.train.class_names == ["a", "b"] and ds.train.images.shape == (6, 8, 8, 3) and len(ds.test) == 6
+    for split in ("train", "test"):  # folders named by index, names from classes.txt
+        for i, c in enumerate("ab"):
+            (root / split / c).rename(root / split / str(i))
+    (root / "classes.txt").write_text("Classes:\n0  alpha\n1  beta\n")
+    assert load_dataset(root).train.class_names == ["alpha", "beta"]
+
+
+def test_image_folder_link_is_refused(tmp_path):
+    root = _image_folder(tmp_path / "d")
+    secret = tmp_path / "secret.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(secret)
+    (root / "train" / "a" / "9.png").symlink_to(secret)
+    with pytest.raises(CGDError, match="symbolic link in a data folder; refused"):
+        load_dataset(root)
+
+
+def test_image_folder_fifo_and_bomb_are_refused_not_waited_on(tmp_path):
+    root = _image_folder(tmp_path / "d")
+    os.mkfifo(root / "train" / "b" / "9.png")
+    with pytest.raises(CGDError, match="not a regular file"):
+        load_dataset(root)
+    (root / "train" / "b" / "9.png").unlink()
+    Image.new("L", (5000, 5000)).save(root / "train" / "b" / "9.png")
+    with pytest.raises(CGDError, match="pixels"):
+        load_dataset(root)

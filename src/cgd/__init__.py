@@ -2,10 +2,11 @@
 
 The pipeline reads left to right::
 
-    data -> attacks -> models/train -> guides -> split -> unlearn -> evaluate -> report
+    data -> attacks -> models/train -> guides -> split -> unlearn -> defenses -> evaluate -> report
 
-The array-level entry points are `cgd.find_poison` (the split from a guide's logits and a model's losses) and
-`cgd.LossRecorder` (the loss history from a training loop of your own); see docs/api.md.
+The entry points are `cgd.find_poison` (the split from a guide's logits and a model's losses, arrays only),
+`cgd.defend` (CGD on a classifier of your own) and `cgd.LossRecorder` (the loss history from a training loop of
+your own); see docs/api.md.
 """
 
 __version__ = "0.1.0"
@@ -19,6 +20,9 @@ def __getattr__(name):  # the entry points load torch: only when asked for, so `
     if name == "find_poison":
         from .split import find_poison
         return find_poison
+    if name == "defend":
+        from .defenses import defend
+        return defend
     if name == "LossRecorder":
         from .train import LossRecorder
         return LossRecorder

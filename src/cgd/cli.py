@@ -79,14 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     _config(p)
     p.add_argument("--out", required=True, help="output directory")
 
-    p = sub.add_parser("defend", help="run CGD: score, split, unlearn; write the run directory",
-                       description="Runs CGD on the training split of --data. Without --model it first trains "
-                                   "the victim itself. Writes config.toml, scores.csv, split.json, "
-                                   "entropy_map.png, defended.safetensors, metrics.json and report.md into "
-                                   "--out; rerunning the same command resumes or does nothing.")
+    p = sub.add_parser("defend", help="run CGD (or --defense NAME): score, split, unlearn; write the run directory",
+                       description="Runs CGD (or another --defense) on the training split of --data. Without "
+                                   "--model it first trains the victim itself. Writes config.toml, scores.csv, "
+                                   "split.json, entropy_map.png (for defenses that split the data), "
+                                   "defended.safetensors, metrics.json and report.md into --out; rerunning the "
+                                   "same command resumes or does nothing.")
     _common(p)
     _config(p)
-    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--out", help="run directory (required)")
+    p.add_argument("--defense", metavar="NAME",
+                   help="the defense to run (default: cgd; the config's defense.name); `--defense list` lists them")
     p.add_argument("--model", help="the suspicious model (.safetensors with its .json); default: train one")
     p.add_argument("--snapshot", help="the model's epoch-T snapshot (.safetensors), for the model score")
     p.add_argument("--recipe", choices=["cpu", "paper"],
@@ -214,7 +217,20 @@ def cmd_defend(args) -> int:
     from .io import dumps_json
     from .pipeline import defend
 
+    if args.defense == "list":
+        from . import defenses
+
+        for name, doc in defenses.list().items():
+            print(f"{name:12s} {doc}")
+        return 0
+    if not args.out:
+        raise CGDError("--out is required (the run directory)")
     cfg = _load_cfg(args)
+    if args.defense:
+        from . import defenses
+
+        defenses.DEFENSES.cls(args.defense)  # an unknown name is refused before any work
+        cfg["defense"]["name"] = args.defense
     cfg["data"]["spec"] = args.data
     ds = load_dataset(args.data)
     mask = _npz_mask(args.data, len(ds.train))

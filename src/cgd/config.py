@@ -22,6 +22,7 @@ def defaults() -> dict:
         "guide": {"name": "imagenet-text", "params": {}},
         "split": SplitConfig().to_dict(),
         "unlearn": {"recipe": "cpu", "overrides": {}},
+        "defense": {"name": "cgd", "params": {}},  # the split and unlearning sections are CGD's settings
     }
 
 

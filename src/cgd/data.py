@@ -329,18 +329,18 @@ CLASS_LINE = re.compile(r"\s*(\d+)\s+(?:(n\d{8})\s+)?(\S.*?)\s*$")  # "00  stop"
 
 
 def class_names_file(tarball: Path) -> dict[str, str] | None:
-    """Human class names for the class folders of an image tarball, from `<stem>.README.txt` beside it (the
-    shared data's READMEs) or `<stem>.classes.txt`: the lines under a header that starts with "Class" and ends
+    """Human class names for the class folders of an image tarball or folder, from `<stem>.README.txt` beside it
+    (the shared data's READMEs), `<stem>.classes.txt` or a folder's own `classes.txt`: the lines under a header that starts with "Class" and ends
     with ":", each `<index> [<wnid>] <name>`. The folder is the wnid where given, else the index as written; a
     name is cut to its first comma-separated synonym unless that makes two classes alike. None when there is
     no such file."""
     stem = tarball.name.split(".")[0]
-    found = [f for f in (tarball.with_name(f"{stem}.README.txt"), tarball.with_name(f"{stem}.classes.txt"))
-             if f.is_file()]
+    found = [f for f in (tarball.with_name(f"{stem}.README.txt"), tarball.with_name(f"{stem}.classes.txt"),
+                         tarball / "classes.txt") if f.is_file()]
     if not found:
         return None
     text = read_capped(found[0], 1 << 20, "a class-names file").decode("utf-8", errors="replace")
-    rows, inside = [], found[0].name.endswith(".classes.txt")
+    rows, inside = [], found[0].name.endswith("classes.txt")
     for line in text.splitlines():
         if not inside:
             inside = line.lstrip().startswith("Class") and line.rstrip().endswith(":")
@@ -360,22 +360,49 @@ def class_names_file(tarball: Path) -> dict[str, str] | None:
 
 
 def _read_image_tarball(path: Path) -> Dataset:
-    """`train|test|val/<class>/<file>.jpg|png` inside a tar archive. Class names and order come from a class-names
-    file beside it (`class_names_file`) when it names every folder; else the sorted folder names (CIFAR-10's
-    canonical order when the folders are CIFAR-10's)."""
+    """`train|test|val/<class>/<file>.jpg|png` inside a tar archive (see `_read_image_tree`)."""
+    with _open_tar(path) as tf:
+        return _read_image_tree(path, ((m.name, lambda m=m: _member_bytes(tf, m, path))
+                                       for m in _members(tf, path) if m.isfile()))
+
+
+def _folder_files(root: Path):
+    """(relative name, reader) of every file under `root`, in sorted order, at most `MAX_ARCHIVE_MEMBERS` of them;
+    links are refused, each read is bounded (`read_capped`: regular files only, a FIFO is not waited on)."""
+    count = 0
+    for here, dirs, files in os.walk(root):  # (does not descend into linked folders)
+        dirs.sort()
+        for f in sorted(files):
+            count += 1
+            if count > MAX_ARCHIVE_MEMBERS:
+                raise CGDError(f"{root}: more than {MAX_ARCHIVE_MEMBERS} files")
+            full = Path(here) / f
+            if full.is_symlink():  # as in archives: a link could point anywhere on the machine
+                raise CGDError(f"{full}: a symbolic link in a data folder; refused (copy the file in instead)")
+            yield full.relative_to(root).as_posix(), lambda full=full: read_capped(full, MAX_MEMBER_BYTES, "an image")
+
+
+def _read_image_folder(path: Path) -> Dataset:
+    """An ImageFolder-style folder, `train|test|val/<class>/<image>` (see `_read_image_tree`)."""
+    return _read_image_tree(path, _folder_files(path))
+
+
+def _read_image_tree(path: Path, entries) -> Dataset:
+    """`train|test|val/<class>/<file>.jpg|png` from `entries` ((name, reader) pairs). Class names and order come
+    from a class-names file (`class_names_file`) when it names every folder; else the sorted folder names
+    (CIFAR-10's canonical order when the folders are CIFAR-10's)."""
     split_items: dict[str, list[tuple[str, str, np.ndarray]]] = {"train": [], "test": []}
     budget = MAX_DATASET_BYTES
-    with _open_tar(path) as tf:
-        for m in _members(tf, path):
-            parts = _split_class_file(m.name)
-            if parts is None or not m.isfile():
-                continue
-            split, c, f = parts
-            img = _decode_image(_member_bytes(tf, m, path), f"{path}:{split}/{c}/{f}", budget)
-            if split_items[split] and img.shape != split_items[split][0][2].shape:
-                raise CGDError(f"{path}: images of different sizes in {split}; resize them to one size first")
-            budget -= img.nbytes
-            split_items[split].append((c, f, img))
+    for name, read in entries:
+        parts = _split_class_file(name)
+        if parts is None:
+            continue
+        split, c, f = parts
+        img = _decode_image(read(), f"{path}:{split}/{c}/{f}", budget)
+        if split_items[split] and img.shape != split_items[split][0][2].shape:
+            raise CGDError(f"{path}: images of different sizes in {split}; resize them to one size first")
+        budget -= img.nbytes
+        split_items[split].append((c, f, img))
     if not split_items["train"] or not split_items["test"]:
         raise CGDError(f"{path}: expected train/<class>/<image> and test/<class>/<image> entries")
     folders = sorted({c for c, _, _ in split_items["train"]})
@@ -552,7 +579,8 @@ def find_fashion_mnist() -> Path | None:
 def load_dataset(spec: str | os.PathLike = "auto") -> Dataset:
     """Load a dataset from a name or a path.
 
-    * a path to an `.npz`, a JPEG tarball (`train|test/<class>/*.jpg`), or a `cifar-10-batches-py` folder;
+    * a path to an `.npz`, an image folder or tarball (`train|test|val/<class>/<image>`; class names from a
+      `classes.txt` inside the folder or `<name>.classes.txt` beside it), or a `cifar-10-batches-py` folder;
     * `cifar10`: the JPEG tarball or the official archive found in `default_search_paths()`;
     * `gtsrb`, `tiny-imagenet`, `imagenette`: the shared data's tarballs (`NAMED_SETS`) found there, with the class
       names of the README beside each;
@@ -576,7 +604,10 @@ def load_dataset(spec: str | os.PathLike = "auto") -> Dataset:
                 return _cached(p / "data_batch_1", lambda _: _read_cifar_batches(p))
             if (p / "cifar-10-batches-py" / "data_batch_1").exists():
                 return load_dataset(p / "cifar-10-batches-py")
-            raise CGDError(f"{p}: a folder must be cifar-10-batches-py (data_batch_1..5, test_batch)")
+            if (p / "train").is_dir():
+                return _read_image_folder(p)
+            raise CGDError(f"{p}: a data folder holds train/<class>/<image> and test/<class>/<image> (val/ for "
+                           "test is fine), or is cifar-10-batches-py (data_batch_1..5, test_batch)")
         if p.suffix == ".npz":
             return load_npz(p)
         if p.name.endswith((".tar.gz", ".tgz", ".tar")):

@@ -1,0 +1,11 @@
+"""Defenses behind one registry: `cgd.defenses.get("cgd")`, `cgd.defenses.list()`.
+
+Every defense takes the (possibly poisoned) training set and the suspicious model trained on it and returns a
+`DefenseResult`: the defended model, the data split it made (if any) and its wall seconds per stage. `cgd.defend`
+runs CGD on a model of the user's own.
+"""
+
+from .base import DEFENSES, Context, Defense, DefenseResult, get, list  # noqa: A004
+from .guided import CGD, defend  # (importing registers "cgd")
+
+__all__ = ["CGD", "DEFENSES", "Context", "Defense", "DefenseResult", "defend", "get", "list"]

@@ -1,0 +1,77 @@
+"""The defense interface: one class per defense, one `run(train, victim, context) -> DefenseResult`."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from torch import nn
+
+from ..data import ImageSet
+from ..registry import Registry
+from ..split import Split
+from ..train import TrainResult
+
+DEFENSES: Registry["Defense"] = Registry("defense")
+
+
+def get(name: str, **params) -> "Defense":
+    """`cgd.defenses.get("cgd", guide="imagenet-text")`."""
+    return DEFENSES.get(name, **params)
+
+
+def list(filter: str = "*") -> dict[str, str]:  # noqa: A001 - `cgd.defenses.list()`, like the other registries
+    """Registered defenses matching the shell-style `filter`, each with its one-line summary."""
+    return DEFENSES.list(filter)
+
+
+@dataclass
+class Context:
+    """What a run hands every defense besides the data and the model."""
+
+    seed: int = 0
+    work: Path | None = None  # a folder for intermediate results (an interrupted run resumes); None: memory only
+    extra_eval: Callable[[nn.Module], dict] | None = None  # logged for analysis only; never steers a defense
+    log: Callable[[str], None] = lambda s: None
+
+
+@dataclass
+class DefenseResult:
+    model: nn.Module  # the defended model
+    split: Split | None = None  # the clean / poisoned / mixed split the defense made, if it makes one
+    timings: dict[str, float] = field(default_factory=dict)  # wall seconds per stage
+    info: dict = field(default_factory=dict)  # what the defense reports about its run (JSON-able)
+
+    def flagged(self, n: int) -> np.ndarray | None:
+        """(n,) bool: the samples the defense judged poisoned (its D_p), or None when it judges none."""
+        if self.split is None:
+            return None
+        out = np.zeros(n, bool)
+        out[self.split.poison] = True
+        return out
+
+
+class Defense:
+    """Base class. Subclasses set `name` (their registry key) and implement `run`; `from_config` builds one from
+    the run's dict config (parsed into typed settings there, once)."""
+
+    name = "base"
+
+    @classmethod
+    def from_config(cls, cfg: dict, **objects) -> "Defense":
+        return cls(**cfg["defense"]["params"])
+
+    def run(self, train: ImageSet, victim: TrainResult, context: Context) -> DefenseResult:
+        raise NotImplementedError
+
+
+@contextmanager
+def timed(timings: dict[str, float], key: str):
+    """Add the wall seconds of the `with` block to `timings[key]`."""
+    t = time.perf_counter()
+    yield
+    timings[key] = timings.get(key, 0.0) + time.perf_counter() - t
