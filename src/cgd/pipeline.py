@@ -30,7 +30,7 @@ def train_victim(images: np.ndarray, labels: np.ndarray, num_classes: int, confi
     image size and `class_names` (in label order), which `models.check_compatible` holds later data to."""
     out_dir = Path(out_dir)
     done = out_dir / "victim.json"
-    params = dict(arch_params or {}, num_classes=num_classes)
+    params = models.for_input(arch, dict(arch_params or {}, num_classes=num_classes), images.shape[1:3])
     if done.exists():
         meta = json.loads(done.read_text())
         if meta["config"] == asdict(config) and meta["arch"] == arch:
