@@ -34,14 +34,17 @@ class Int:
 
 @dataclass(frozen=True)
 class Real:
-    """A finite number in (lo, hi]."""
+    """A finite number in (lo, hi], or [lo, hi] with `closed`."""
 
     lo: float
     hi: float
+    closed: bool = False
 
     def check(self, value, where: str) -> float:
-        if type(value) not in (int, float) or not math.isfinite(value) or not self.lo < value <= self.hi:
-            raise CGDError(f"{where} must be a number in ({self.lo}, {self.hi}]; got {show(value)}")
+        if type(value) not in (int, float) or not math.isfinite(value) or not self.lo <= value <= self.hi \
+                or (value == self.lo and not self.closed):
+            raise CGDError(f"{where} must be a number in {'[' if self.closed else '('}{self.lo}, {self.hi}]; "
+                           f"got {show(value)}")
         return float(value)
 
 

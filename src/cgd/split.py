@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from . import CGDError
+from .schema import Int, Real
 
 
 @dataclass(frozen=True)
@@ -42,23 +43,16 @@ class SplitConfig:
     neighbours: int = 20  # neighbours in the suspicious model's feature space, for the purification
     min_clean_per_class: int = 5  # `fill_clean_classes`: every class keeps at least this many samples in D_c
 
-    def __post_init__(self):
-        def number(name, lo, hi, integer=False):
-            v = getattr(self, name)
-            kind = int if integer else (int, float)
-            if isinstance(v, bool) or not isinstance(v, kind) or not lo <= v <= hi:
-                raise CGDError(f"split.{name} must be {'an integer' if integer else 'a number'} in [{lo}, {hi}]; "
-                               f"got {v!r}")
+    RANGES = {"sigma1": Real(0, 0.5, closed=True), "sigma2": Real(0, 0.5, closed=True),
+              "purify": Real(0, 1, closed=True), "neighbours": Int(1, 1000), "refine_rounds": Int(0, 10),
+              "min_clean_per_class": Int(0, 1000)}
 
-        number("sigma1", 0, 0.5)
-        number("sigma2", 0, 0.5)
+    def __post_init__(self):
+        for name, rule in self.RANGES.items():
+            rule.check(getattr(self, name), f"split.{name}")
         if not 0 < self.sigma2 <= self.sigma1 < 0.5:
             raise CGDError(f"need 0 < split.sigma2 ≤ split.sigma1 < 0.5; got sigma1={self.sigma1}, "
                            f"sigma2={self.sigma2}")
-        number("purify", 0, 1)
-        number("neighbours", 1, 1000, integer=True)
-        number("refine_rounds", 0, 10, integer=True)
-        number("min_clean_per_class", 0, 1000, integer=True)
         if self.window_rule not in ("level", "gain"):
             raise CGDError(f"unknown split.window_rule {self.window_rule!r}: use 'level' or 'gain'")
         if self.model_score not in ("history", "snapshot", "final"):
