@@ -2,7 +2,8 @@ import numpy as np
 import torch
 
 from cgd import models
-from cgd.train import TrainConfig, accuracy, train
+from cgd.tensors import accuracy
+from cgd.train import TrainConfig, train
 
 CFG = TrainConfig(epochs=3, batch_size=64, lr=0.2, snapshot_epoch=2, seed=0)
 

@@ -4,7 +4,8 @@ import torch
 
 from cgd import CGDError, attacks, models
 from cgd.split import Split, split
-from cgd.train import TrainConfig, accuracy, train
+from cgd.tensors import accuracy
+from cgd.train import TrainConfig, train
 from cgd.unlearn import UnlearnConfig, allowed_drop, recipe, step_lr, unlearn, unlearning_loss
 
 

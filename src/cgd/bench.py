@@ -24,7 +24,7 @@ from .data import load_dataset
 from .evaluate import ca_asr
 from .io import write_json
 from .pipeline import defend, train_victim
-from .train import accuracy
+from .tensors import accuracy
 
 
 def _commit() -> str:

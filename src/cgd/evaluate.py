@@ -7,7 +7,7 @@ from torch import nn
 
 from .attacks import PoisonedSet
 from .data import ImageSet
-from .train import accuracy, predict_logits
+from .tensors import accuracy, predict_logits
 
 
 def clean_accuracy(model: nn.Module, test: ImageSet) -> float:

@@ -20,9 +20,7 @@ from torch import nn
 from . import CGDError
 from .io import atomic_write_bytes, atomic_write_text
 from .progress import progress
-
-MEAN, STD = 0.5, 0.25
-
+from .tensors import augment, to_input
 
 @dataclass
 class TrainConfig:
@@ -99,27 +97,6 @@ class LossRecorder:
             raise CGDError(f"epoch {e} has no loss for {int(np.isnan(h[e - 1]).sum())} samples (a loader with "
                            "drop_last, or a subset?): every sample needs a loss every epoch")
         return h
-
-
-def to_input(images: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """uint8 (N,H,W,3) → normalised float (N,3,H,W), channels-last in memory (fastest conv layout on CPU)."""
-    x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.array(images))  # copy: may be read-only
-    x = x.permute(0, 3, 1, 2).float().div_(255.0).sub_(MEAN).div_(STD)
-    return x.contiguous(memory_format=torch.channels_last)
-
-
-def augment(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
-    if mode == "none":
-        return x
-    flip = torch.rand(x.shape[0], generator=gen) < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    if mode == "flip+translate":
-        pad = F.pad(x, (2, 2, 2, 2), mode="reflect")
-        dx, dy = torch.randint(0, 5, (2,), generator=gen).tolist()  # one shift per batch: cheap and unbiased
-        x = pad[:, :, dy:dy + x.shape[2], dx:dx + x.shape[3]].contiguous(memory_format=torch.channels_last)
-    elif mode != "flip":
-        raise ValueError(f"unknown augmentation {mode!r}")
-    return x
 
 
 def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
@@ -217,23 +194,3 @@ def _resume(d: Path, model, opt, history, config):
     snap = {k[9:]: v for k, v in t.items() if k.startswith("snapshot.")} or None
     history[:meta["epoch"]] = t["history"].numpy()
     return meta["epoch"], snap, list(meta["seconds"])
-
-
-@torch.inference_mode()
-def predict_logits(model: nn.Module, images: np.ndarray, batch_size: int = 1000, desc: str | None = None,
-                   features: bool = False) -> np.ndarray:
-    """Logits (N, C) float32 of `model` in eval mode over uint8 images; with `features`, the model's penultimate
-    features (its `features` method; models without one give their logits)."""
-    model.eval()
-    fn = model.features if features and hasattr(model, "features") else model
-    out = []
-    steps = range(0, len(images), batch_size)
-    for i in progress(steps, desc=desc) if desc else steps:
-        out.append(fn(to_input(images[i:i + batch_size])).float())
-    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
-
-
-def accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray, batch_size: int = 1000) -> float:
-    if len(labels) == 0:
-        return float("nan")
-    return float((predict_logits(model, images, batch_size).argmax(1) == np.asarray(labels)).mean())

@@ -24,7 +24,8 @@ from torch import nn
 from . import CGDError
 from .progress import progress
 from .split import Split, oversample_clean
-from .train import accuracy, augment, make_optimizer, to_input
+from .tensors import accuracy, augment, to_input
+from .train import make_optimizer
 
 
 @dataclass

@@ -35,7 +35,7 @@ from torch import nn
 from .. import CGDError
 from ..data import ImageSet
 from ..io import cache_dir, load_arrays, read_json, save_arrays, write_json
-from ..train import MEAN, STD
+from ..tensors import MEAN, STD
 
 log = logging.getLogger("cgd.attacks")
 

@@ -19,7 +19,8 @@ from .. import CGDError
 from ..data import ImageSet
 from ..io import load_arrays, save_arrays
 from ..split import SplitConfig, nll, split_by
-from ..train import MEAN, STD, TrainResult, predict_logits
+from ..tensors import denormalize, predict_logits
+from ..train import TrainResult
 from ..unlearn import UnlearnConfig, unlearn
 from .base import DEFENSES, Context, Defense, DefenseResult, timed
 
@@ -151,7 +152,7 @@ def model_features(model, images: np.ndarray, work: Path | None) -> np.ndarray:
 
 class Adapted(nn.Module):
     """A user's classifier behind cgd's input convention: cgd hands models uint8 images as normalised float
-    (N, 3, H, W) tensors (`train.to_input`); this undoes that to [0, 1] and applies the user's `preprocess`."""
+    (N, 3, H, W) tensors (`tensors.to_input`); this undoes that to [0, 1] and applies the user's `preprocess`."""
 
     def __init__(self, model: nn.Module, preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None):
         super().__init__()
@@ -162,7 +163,7 @@ class Adapted(nn.Module):
         return self.inner(self.user_input(x))
 
     def user_input(self, x: torch.Tensor) -> torch.Tensor:
-        x = x * STD + MEAN
+        x = denormalize(x)
         return self.preprocess(x) if self.preprocess is not None else x
 
 
