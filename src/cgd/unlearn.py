@@ -65,13 +65,9 @@ class UnlearnConfig:
 
 RECIPES: dict[str, dict] = {
     "paper": {},
-    # The paper's losses, with momentum 0.9 and the learning rate decayed to zero over one pass of the purified D_c
-    # at twice the unlearning weight. Without momentum the backdoor fades too slowly (SIG: training-set ASR
-    # 0.98 → 0.61 in four epochs); momentum without the decay cost 1.2 pt of held-out D_c accuracy; one pass at
-    # λ_un 0.025 left SIG's training-set ASR at 0.26, at 0.05 it reaches 0 and keeps more held-out accuracy than
-    # two passes at 0.025, in half the time (docs/benchmarks.md). At least 60 steps, so a 10k subset gets a few
-    # passes (one pass of a 50k set is about 100). L_re is smoothed by 0.2 like the victim recipe's own loss: hard
-    # labels pulled held-out D_c accuracy down 1.4–2.1 pt; smoothed, 0–0.9 pt (docs/benchmarks.md).
+    # The paper's losses with momentum 0.9, the learning rate decayed to zero over one pass of the purified D_c, twice
+    # the unlearning weight, at least 60 steps (a 10k subset gets a few passes) and L_re smoothed by 0.2 like the
+    # victim recipe's own loss; each choice and the training-data measurements behind it: docs/benchmarks.md.
     "cpu": dict(epochs=1, momentum=0.9, lr_decay=True, min_steps=60, lambda_un=0.05, label_smoothing=0.2),
 }
 
