@@ -197,3 +197,13 @@ def test_every_defense_runs_from_the_registry_alike():
     every = cgd.defenses.list()
     assert "cgd" in every and all(every.values())
     assert cgd.defenses.get("cgd", guide=LabelGuide(np.zeros(1, int))).name == "cgd"
+
+
+def test_the_config_names_the_defense_and_cgd_refuses_params_it_does_not_take(tiny, tmp_path):
+    cfg = tiny_cfg(**{"defense.name": "no-such"})
+    with pytest.raises(CGDError, match="unknown defense 'no-such'; available: .*cgd"):
+        defend(tiny.train, cfg, tmp_path / "a", guide=LabelGuide(tiny.train.labels), log=lambda s: None)
+    cfg = tiny_cfg(**{"defense.params.sigma1": 0.3})
+    with pytest.raises(CGDError, match="CGD takes its settings from the guide, split and unlearn sections"):
+        defend(tiny.train, cfg, tmp_path / "b", guide=LabelGuide(tiny.train.labels), log=lambda s: None)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # refused before touching the disk
