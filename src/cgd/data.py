@@ -553,6 +553,7 @@ def load_dataset(spec: str | os.PathLike = "auto") -> Dataset:
     """Load a dataset from a name or a path.
 
     * a path to an `.npz`, a JPEG tarball (`train|test/<class>/*.jpg`), or a `cifar-10-batches-py` folder;
+    * a BackdoorBench `attack_result.pt` (its poisoned training set and the clean test set; `cgd.records`);
     * `cifar10`: the JPEG tarball or the official archive found in `default_search_paths()`;
     * `gtsrb`, `tiny-imagenet`, `imagenette`: the shared data's tarballs (`NAMED_SETS`) found there, with the class
       names of the README beside each;
@@ -579,11 +580,16 @@ def load_dataset(spec: str | os.PathLike = "auto") -> Dataset:
             raise CGDError(f"{p}: a folder must be cifar-10-batches-py (data_batch_1..5, test_batch)")
         if p.suffix == ".npz":
             return load_npz(p)
+        if p.suffix == ".pt":
+            from .records import read_record
+
+            return read_record(p).dataset
         if p.name.endswith((".tar.gz", ".tgz", ".tar")):
             if p.name.startswith("cifar-10-python"):
                 return _cached(p, _read_official_archive)
             return _cached(p, _read_image_tarball)
-        raise CGDError(f"{p}: unsupported data file; give an .npz, an image tarball, or cifar-10-batches-py")
+        raise CGDError(f"{p}: unsupported data file; give an .npz, an image tarball, cifar-10-batches-py or a "
+                       "BackdoorBench attack_result.pt")
     if spec in ("auto", "cifar10"):
         for d in default_search_paths():
             for name in ("cifar10-jpeg.tar.gz", "cifar-10-python.tar.gz"):
