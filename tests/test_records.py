@@ -297,3 +297,71 @@ def test_cli_record_with_only_the_jpeg_copy(tmp_path):
     path, _, _ = _record(box.work / "attack_result.pt")
     res = run_cli(box, "data", "info", str(path))
     assert_refused(res, "data", "lost CIFAR-10's global image order", box=box)
+
+
+def test_torch_weights_only_refuses_a_real_record(env):
+    """Why the record has a reader of its own: torch's weights-only loader refuses the numpy arrays and PIL images
+    every record holds, and admitting them there would run numpy's and PIL's own state setters on attacker data."""
+    path, _, _ = _record(env / "attack_result.pt")
+    with pytest.raises(pickle.UnpicklingError, match="numpy|PIL"):
+        torch.load(path, weights_only=True)
+    assert records.read_record(path).train is not None
+
+
+# ------------------------------------------------------------------------------------------------ crafted pickles
+
+class _Storage4:
+    """Pickled as a persistent id naming a 4-float storage member."""
+
+
+class _Tensor:
+    def __init__(self, size):
+        self.size = size
+
+    def __reduce__(self):
+        return torch._utils._rebuild_tensor_v2, (_Storage4(), 0, self.size, (1,), False, OrderedDict())
+
+
+def _crafted(path, obj, members=None, compress=False):
+    """A torch.save-shaped zip around `obj`'s pickle, written by hand so that its tensors can lie."""
+    import zipfile
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, o):
+            return ("storage", torch.FloatStorage, "0", "cpu", 4) if isinstance(o, _Storage4) else None
+
+    buf = io.BytesIO()
+    Pickler(buf, protocol=2).dump(obj)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED) as zf:
+        zf.writestr("archive/data.pkl", buf.getvalue())
+        zf.writestr("archive/data/0", np.zeros(4, np.float32).tobytes())
+        for name, payload in (members or {}).items():
+            zf.writestr(name, payload)
+    return path
+
+
+_TEXT = "x" * (1 << 20)
+
+
+class _Encode:
+    def __init__(self, text):
+        self.text = text
+
+    def __reduce__(self):
+        import codecs
+
+        return codecs.encode, (self.text, "latin1")
+
+
+@pytest.mark.parametrize("obj, kw, message", [
+    ({"w": _Tensor((4,))}, {}, "lacks 'clean_data'"),  # a well-formed tensor passes the unpickler
+    ({"w": _Tensor((10 ** 6,))}, {}, "a pickled tensor reaches past its storage"),
+    ({"w": _Tensor((-1,))}, {}, "a pickled tensor is malformed"),
+    ({"pad": [_Encode(_TEXT) for _ in range(10)]}, {},
+     "the pickle builds more data than it holds"),  # one memoised MiB of text, encoded ten times
+    ({"w": _Tensor((4,))}, {"compress": True}, "is not a stored member"),
+    ({"w": _Tensor((4,))}, {"members": {"elsewhere/x": b""}}, "is not a stored member of archive/"),
+])
+def test_crafted_records_are_refused(env, obj, kw, message):
+    with pytest.raises(CGDError, match=message):
+        records.read_record(_crafted(env / "crafted.pt", obj, **kw))
