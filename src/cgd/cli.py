@@ -29,8 +29,8 @@ BackdoorBench attack_result.pt (which needs the official CIFAR-10 archive for it
 def _common(p: argparse.ArgumentParser, data_default: str = "auto") -> None:
     p.add_argument("--data", default=data_default, metavar="PATH|NAME",
                    help="dataset: an .npz, an image tarball (train/ and test/ or val/ class folders), a "
-                        "cifar-10-batches-py folder, a BackdoorBench attack_result.pt, or a name: cifar10, gtsrb, tiny-imagenet, imagenette, "
-                        "fashion-mnist, auto (default: %(default)s)")
+                        "cifar-10-batches-py folder, a BackdoorBench attack_result.pt, or a name: cifar10, gtsrb, "
+                        "tiny-imagenet, imagenette, fashion-mnist, auto (default: %(default)s)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: the config's, 0)")
 
 

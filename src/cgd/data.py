@@ -433,12 +433,13 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         return fn
 
 
-def _check_pickle(data: bytes, where: str) -> None:
+def _check_pickle(data: bytes, where: str, max_ops: int | None = None, what: str = "a CIFAR batch") -> None:
     """Walk the opcodes first: the C unpickler allocates what a length field declares before reading it."""
+    max_ops = MAX_PICKLE_OPS if max_ops is None else max_ops
     try:
         for i, _ in enumerate(pickletools.genops(data)):
-            if i >= MAX_PICKLE_OPS:
-                raise CGDError(f"{where}: more than {MAX_PICKLE_OPS} pickle opcodes; not a CIFAR batch")
+            if i >= max_ops:
+                raise CGDError(f"{where}: more than {max_ops} pickle opcodes; not {what}")
     except ValueError as e:
         raise CGDError(f"{where}: corrupt or truncated pickle ({e})") from None
 

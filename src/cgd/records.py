@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from . import CGDError
-from .data import (MAX_DATASET_BYTES, Dataset, ImageSet, _decode_image, default_search_paths, load_dataset,
-                   make_imageset)
+from .data import (MAX_DATASET_BYTES, Dataset, ImageSet, _check_pickle, _decode_image, default_search_paths,
+                   load_dataset, make_imageset)
 from .io import read_capped
 
 # A CIFAR-10 record is ~90 MB (a 45 MB PreActResNet18 and ~14,000 pickled 32x32 images); 1 GiB keeps room for
@@ -202,18 +202,6 @@ class _RecordUnpickler(pickle.Unpickler):
         return data
 
 
-def _walk_pickle(pkl: bytes, where: str) -> None:
-    """Walk the opcodes first: length fields are checked against the data before the C unpickler trusts them."""
-    import pickletools
-
-    try:
-        for i, _ in enumerate(pickletools.genops(pkl)):
-            if i >= MAX_RECORD_OPS:
-                raise CGDError(f"{where}: more than {MAX_RECORD_OPS} pickle opcodes; not a record")
-    except ValueError as e:
-        raise CGDError(f"{where}: corrupt or truncated pickle ({e})") from None
-
-
 def _unpickle_record(path: Path):
     raw = read_capped(path, MAX_RECORD_BYTES, "a BackdoorBench record")
     try:
@@ -234,7 +222,7 @@ def _unpickle_record(path: Path):
                                "not a torch.save record")
         try:
             pkl = zf.read(pkl_names[0])
-            _walk_pickle(pkl, str(path))
+            _check_pickle(pkl, str(path), MAX_RECORD_OPS, "a record")  # lengths checked before trusted
             return _RecordUnpickler(zf, prefix, pkl, str(path)).load()
         except CGDError:
             raise
