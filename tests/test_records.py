@@ -151,6 +151,11 @@ def test_a_preactresnet18_whose_keys_map_is_loaded(env):
     assert rec.model is not None, rec.model_note
     got = rec.model.state_dict()
     assert all(torch.equal(got[k], ours[k]) for k in ours)
+    bad = _bb_keys(ours)
+    bad["linear.weight"] = bad["linear.weight"].clone().fill_(float("nan"))
+    path, _, _ = _record(env / "nan.pt", model=bad)
+    rec = records.read_record(path)
+    assert rec.model is None and "not finite at ['head.weight']" in rec.model_note
 
 
 class _Payload:
@@ -224,6 +229,10 @@ def test_bad_labels_and_images_are_refused(env):
     state["bd_data_container"]["data_dict"][3] = (Image.fromarray(x[3][:8]), 0, int(y[3]))
     path, _, _ = _record(env / "c.pt", bd_train=state)
     with pytest.raises(CGDError, match=r"is \(8, 32, 3\), not \(32, 32, 3\)"):
+        records.read_record(path)
+    state["bd_data_container"]["data_dict"][3] = (x[3].astype(np.int64) * 1000, 0, int(y[3]))
+    path, _, _ = _record(env / "d.pt", bd_train=state)
+    with pytest.raises(CGDError, match="holds no uint8 RGB image"):
         records.read_record(path)
 
 

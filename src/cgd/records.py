@@ -126,7 +126,7 @@ def _scalar(dtype, data):
     return np.frombuffer(data, dtype)[0].item()
 
 
-@dataclass
+@dataclass(slots=True)
 class _Storage:
     dtype: torch.dtype
     flat: torch.Tensor
@@ -262,8 +262,8 @@ def _sample(v, key: int, record_dir: Path, fmt: str, where: str, budget: int) ->
         img = _folder_image(v["path"], key, record_dir, fmt, where, budget)
     else:
         raise CGDError(f"{where}: poisoned sample {key} is neither (image, label, original label) nor a file entry")
-    if img is None or type(bd) is not int or type(orig) is not int:
-        raise CGDError(f"{where}: poisoned sample {key} holds no RGB image or non-integer labels")
+    if img is None or img.dtype != np.uint8 or type(bd) is not int or type(orig) is not int:
+        raise CGDError(f"{where}: poisoned sample {key} holds no uint8 RGB image or non-integer labels")
     return img, bd, orig
 
 
@@ -365,10 +365,11 @@ def _model(name: str, state, num_classes: int):
     net = models.get("preact-resnet18", num_classes=num_classes)
     theirs, ours = _preact_state(state), net.state_dict()
     missing, extra = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
-    bad = [k for k in set(ours) & set(theirs) if theirs[k].shape != ours[k].shape]
+    bad = [k for k in set(ours) & set(theirs) if theirs[k].shape != ours[k].shape
+           or (theirs[k].is_floating_point() and not torch.isfinite(theirs[k]).all())]
     if missing or extra or bad:
         return None, (f"the record's preactresnet18 does not map onto CGD's (missing {missing[:3]}, extra "
-                      f"{extra[:3]}, shapes differ at {bad[:3]}): architecture unknown; continuing with the data only")
+                      f"{extra[:3]}, shapes differ or weights are not finite at {bad[:3]}): architecture unknown; continuing with the data only")
     net.load_state_dict({k: theirs[k].clone() for k in ours})
     return net, "loaded into CGD's preact-resnet18"
 
