@@ -21,15 +21,16 @@ typical use:
   cgd evaluate --model runs/bad/defended.safetensors --data bad-asr.npz --json   # ASR of the defended model
 
 data is found automatically (CIFAR-10 in ../shared/data or $CGD_DATA, else Fashion-MNIST), or given with
---data: an .npz (x_train, y_train, x_test, y_test, class_names), an image tarball or cifar-10-batches-py.
+--data: an .npz (x_train, y_train, x_test, y_test, class_names), an image tarball, cifar-10-batches-py, or a
+BackdoorBench attack_result.pt (which needs the official CIFAR-10 archive for its clean images).
 """
 
 
 def _common(p: argparse.ArgumentParser, data_default: str = "auto") -> None:
     p.add_argument("--data", default=data_default, metavar="PATH|NAME",
                    help="dataset: an .npz, an image tarball (train/ and test/ or val/ class folders), a "
-                        "cifar-10-batches-py folder, or a name: cifar10, gtsrb, tiny-imagenet, imagenette, "
-                        "fashion-mnist, auto (default: %(default)s)")
+                        "cifar-10-batches-py folder, a BackdoorBench attack_result.pt, or a name: cifar10, gtsrb, "
+                        "tiny-imagenet, imagenette, fashion-mnist, auto (default: %(default)s)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: the config's, 0)")
 
 
@@ -178,6 +179,22 @@ def cmd_attack(args) -> int:
     return 0
 
 
+def _load_with_mask(spec: str):
+    """The dataset of --data and its poison mask, when it carries one (an .npz's `poison_mask`, a BackdoorBench
+    record's poison indicator)."""
+    from .data import load_dataset
+
+    if Path(spec).suffix == ".pt" and Path(spec).exists():
+        from .records import read_record
+
+        rec = read_record(spec)
+        print(f"{spec}: BackdoorBench record, {int(rec.poison_mask.sum())} of {len(rec.train)} training images "
+              f"poisoned; model {rec.model_name}: {rec.model_note}", file=sys.stderr)
+        return rec.dataset, rec.poison_mask
+    ds = load_dataset(spec)
+    return ds, _npz_mask(spec, len(ds.train))
+
+
 def _npz_mask(spec: str, n: int) -> np.ndarray | None:
     """The `poison_mask` stored beside an .npz given as --data (one 0/1 per training image), if there is one."""
     from .data import read_npz
@@ -213,7 +230,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_defend(args) -> int:
-    from .data import load_dataset
     from .io import dumps_json
     from .pipeline import defend
 
@@ -232,8 +248,7 @@ def cmd_defend(args) -> int:
         defenses.DEFENSES.cls(args.defense)  # an unknown name is refused before any work
         cfg["defense"]["name"] = args.defense
     cfg["data"]["spec"] = args.data
-    ds = load_dataset(args.data)
-    mask = _npz_mask(args.data, len(ds.train))
+    ds, mask = _load_with_mask(args.data)
     m = defend(ds.train, cfg, Path(args.out), model_path=args.model, snapshot_path=args.snapshot,
                poison_mask=mask, test=ds.test, log=lambda s: print(s, file=sys.stderr))
     print(dumps_json({k: m[k] for k in ("sizes", "detection", "before", "after", "timings") if k in m}, indent=2))

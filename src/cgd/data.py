@@ -460,12 +460,13 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         return fn
 
 
-def _check_pickle(data: bytes, where: str) -> None:
+def _check_pickle(data: bytes, where: str, max_ops: int | None = None, what: str = "a CIFAR batch") -> None:
     """Walk the opcodes first: the C unpickler allocates what a length field declares before reading it."""
+    max_ops = MAX_PICKLE_OPS if max_ops is None else max_ops
     try:
         for i, _ in enumerate(pickletools.genops(data)):
-            if i >= MAX_PICKLE_OPS:
-                raise CGDError(f"{where}: more than {MAX_PICKLE_OPS} pickle opcodes; not a CIFAR batch")
+            if i >= max_ops:
+                raise CGDError(f"{where}: more than {max_ops} pickle opcodes; not {what}")
     except ValueError as e:
         raise CGDError(f"{where}: corrupt or truncated pickle ({e})") from None
 
@@ -581,6 +582,7 @@ def load_dataset(spec: str | os.PathLike = "auto") -> Dataset:
 
     * a path to an `.npz`, an image folder or tarball (`train|test|val/<class>/<image>`; class names from a
       `classes.txt` inside the folder or `<name>.classes.txt` beside it), or a `cifar-10-batches-py` folder;
+    * a BackdoorBench `attack_result.pt` (its poisoned training set and the clean test set; `cgd.records`);
     * `cifar10`: the JPEG tarball or the official archive found in `default_search_paths()`;
     * `gtsrb`, `tiny-imagenet`, `imagenette`: the shared data's tarballs (`NAMED_SETS`) found there, with the class
       names of the README beside each;
@@ -610,11 +612,16 @@ def load_dataset(spec: str | os.PathLike = "auto") -> Dataset:
                            "test is fine), or is cifar-10-batches-py (data_batch_1..5, test_batch)")
         if p.suffix == ".npz":
             return load_npz(p)
+        if p.suffix == ".pt":
+            from .records import read_record
+
+            return read_record(p).dataset
         if p.name.endswith((".tar.gz", ".tgz", ".tar")):
             if p.name.startswith("cifar-10-python"):
                 return _cached(p, _read_official_archive)
             return _cached(p, _read_image_tarball)
-        raise CGDError(f"{p}: unsupported data file; give an .npz, an image tarball, or cifar-10-batches-py")
+        raise CGDError(f"{p}: unsupported data file; give an .npz, an image tarball, cifar-10-batches-py or a "
+                       "BackdoorBench attack_result.pt")
     if spec in ("auto", "cifar10"):
         for d in default_search_paths():
             for name in ("cifar10-jpeg.tar.gz", "cifar-10-python.tar.gz"):
