@@ -150,3 +150,21 @@ def test_cli_defend_ep(tiny, tmp_path, capsys):
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["defense"] == "ep" and m["pruned"] > 0 and (tmp_path / "run" / "defended.safetensors").exists()
     assert load_model(tmp_path / "run" / "defended.safetensors") is not None
+
+
+def test_baseline_cell_is_written_once(tiny, tmp_path):
+    from cgd.bench import oracle_clean, run_baseline
+
+    save_npz(tiny, tmp_path / "clean.npz")
+    cfg = tiny_cfg(**{"defense.params.epochs": 1, "attack.rate": 0.1})
+    out = run_baseline("badnets", "fp", cfg, tmp_path / "bench", str(tmp_path / "clean.npz"), oracle=0.1,
+                       log=lambda s: None)
+    cell = json.loads(out.read_text())
+    assert out.name.endswith("-badnets-fp-oracle.json") and cell["defense"] == "fp-oracle"
+    assert {"ca", "asr", "clean_to_target", "wall_s", "cpu_s"} <= set(cell) and cell["cpu_s"] > 0
+    assert "oracle" in cell["clean_data"] and cell["info"]["clean"] == 80
+    assert run_baseline("badnets", "fp", cfg, tmp_path / "bench", str(tmp_path / "clean.npz"), oracle=0.1,
+                        log=lambda s: None) == out
+    mask = np.zeros(100, bool)
+    mask[:50] = True
+    assert (oracle_clean(mask, 0.1) >= 50).all() and len(oracle_clean(mask, 0.1)) == 10
