@@ -131,3 +131,66 @@ def results_table(results: Path) -> str:
                     f"| {f(t.get('victim_train_s', c.get('victim_train_s')), '.0f')} | {f(t.get('guide_s'), '.0f')} "
                     f"| {f(split_s, '.0f')} | {f(t.get('unlearn_s'), '.0f')} | {c['date']} |")
     return "\n".join(rows) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ baseline cells
+
+def oracle_clean(poison_mask: np.ndarray, share: float = 0.05, seed: int = 0) -> np.ndarray:
+    """The clean-data defenses' "5 % clean data": `share` of the training set drawn among the samples the known
+    poison mask says are clean. An oracle: no real user has the mask."""
+    pool = np.flatnonzero(~np.asarray(poison_mask, bool))
+    n = min(len(pool), int(round(share * len(poison_mask))))
+    return np.sort(np.random.default_rng(seed).choice(pool, size=n, replace=False))
+
+
+def run_baseline(attack: str, defense: str, cfg: dict, root: Path, data: str = "cifar10", oracle: float | None = None,
+                 log=print) -> Path:
+    """One resumable (attack, defense) cell beside CGD's: the cached victim of `ROOT/runs/<attack>/victim` (trained
+    by `cgd bench --victims-only`, or here if missing), the defense `defense` with `cfg["defense"]["params"]`,
+    `oracle` (a share, e.g. 0.05) of truly clean training samples for the clean-data defenses (the cell is then
+    labelled `<defense>-oracle`). Writes `ROOT/results/<date>-<attack>-<label>.json` with CA, ASR, clean→target,
+    wall and CPU seconds (this process, all threads) and detection TPR/FPR where the defense flags samples; a
+    finished cell (same config hash) is returned as is."""
+    import time
+
+    root = Path(root)
+    results = root / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    label = defense + ("-oracle" if oracle else "")
+    ds = load_dataset(data)
+    atk = attacks.get(attack, target=cfg["attack"]["target"], seed=cfg["seed"],
+                      **({"rate": cfg["attack"]["rate"]} if not attacks.ATTACKS.cls(attack).clean_label else {}))
+    ps = atk.poison(ds.train)
+    cell_cfg = dict(cfg, attack={"name": attack, "target": atk.target, "rate": atk.rate, "params": atk.params()},
+                    data=dict(cfg["data"], spec=data), defense=dict(cfg["defense"], name=defense))
+    spelled = explicit(cell_cfg)
+    key = hashlib.sha256((dumps_toml(spelled) + f"oracle={oracle}").encode()).hexdigest()[:12]
+    found = _find(results, attack, label, key)
+    if found is not None:
+        log(f"{attack} {label}: finished cell {found}")
+        return found
+    victim = train_victim(ps.train.images, ps.train.labels, ds.train.num_classes, train_config(cfg),
+                          root / "runs" / attack / "victim", cfg["victim"]["arch"], cfg["victim"]["arch_params"],
+                          class_names=ds.class_names)
+    clean = oracle_clean(ps.poison_mask, oracle, cfg["seed"]) if oracle else None
+    wall, cpu = time.perf_counter(), time.process_time()
+    m = defend(ps.train, cell_cfg, root / "runs" / attack / label, poison_mask=ps.poison_mask, poisoned=ps,
+               test=ds.test, victim=victim, clean_indices=clean, log=log)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    today = _dt.date.today().isoformat()
+    cell = {"attack": attack, "attack_params": atk.params(), "poisoned": int(ps.poison_mask.sum()),
+            "defense": label, "defense_params": spelled["defense"]["params"], "config_hash": key,
+            **m["after"], "before": m["before"], "detection": m["detection"], "sizes": m["sizes"],
+            "timings": {**m["timings"], "victim_train_s": victim.seconds}, "wall_s": wall, "cpu_s": cpu,
+            "budget_vs_victim": wall / victim.seconds if victim.seconds else None,
+            "clean_data": (f"oracle: {len(clean)} truly clean training samples ({oracle:.0%}, chosen with the "
+                           "poison mask)") if oracle else None,
+            "info": {k: v for k, v in m.items() if k not in ("after", "before", "detection", "sizes", "timings",
+                                                              "defense")},
+            "git_commit": _commit(), "cores": torch.get_num_threads(), "cpu_count": os.cpu_count(), "cpu": _cpu(),
+            "command": " ".join(sys.argv) if sys.argv else "", "date": today}
+    out = results / f"{today}-{attack}-{label}.json"
+    write_json(out, cell)
+    log(f"{attack} {label}: CA {m['after']['ca']:.4f} ASR {m['after']['asr']:.4f} "
+        f"({wall:.0f} s wall, {cpu:.0f} s CPU)")
+    return out

@@ -56,8 +56,9 @@ def train_victim(images: np.ndarray, labels: np.ndarray, num_classes: int, confi
 
 # ------------------------------------------------------------------------------------------------ defend
 
-OUTPUTS = ("config.toml", "scores.csv", "split.json", "entropy_map.png", "defended.safetensors",
-           "defended.safetensors.json", "metrics.json", "report.md")
+SPLIT_OUTPUTS = ("scores.csv", "split.json", "entropy_map.png")  # only a defense that splits the data writes these
+OUTPUTS = ("config.toml", *SPLIT_OUTPUTS, "defended.safetensors", "defended.safetensors.json", "metrics.json",
+           "report.md")
 MIN_PER_CLASS = 10  # fewer training samples in a class leave the split's percentile ranks nothing to rank
 
 
@@ -76,7 +77,7 @@ def open_run(run_dir: Path, cfg_text: str, fingerprint: str, log) -> tuple[Path,
     stamp = work / "data.sha256"
     same_data = stamp.is_file() and stamp.read_text().strip() == fingerprint
     if same_data and (run_dir / "config.toml").is_file() and (run_dir / "config.toml").read_text() == cfg_text \
-            and all((run_dir / f).exists() for f in OUTPUTS):
+            and all((run_dir / f).exists() for f in run_outputs(run_dir)):
         log(f"{run_dir}: finished run with this config and data found; nothing to do")
         return work, read_json(run_dir / "metrics.json")
     prepare_dir(prepare_dir(run_dir, "run folder") / ".work", "run folder")
@@ -87,6 +88,16 @@ def open_run(run_dir: Path, cfg_text: str, fingerprint: str, log) -> tuple[Path,
     atomic_write_text(stamp, fingerprint + "\n")
     atomic_write_text(work / "config.toml", cfg_text)
     return work, None
+
+
+def run_outputs(run_dir: Path) -> tuple[str, ...]:
+    """The files a finished run in `run_dir` has: every output, less the split's files when its metrics say the
+    defense made no split (EP, FP); all of them while there are no metrics yet."""
+    try:
+        split = bool(read_json(run_dir / "metrics.json").get("sizes"))
+    except (OSError, ValueError, CGDError):
+        return OUTPUTS
+    return OUTPUTS if split else tuple(f for f in OUTPUTS if f not in SPLIT_OUTPUTS)
 
 
 def preflight(train_set: ImageSet, scfg: SplitConfig, victim: tuple[str, TrainConfig] | None) -> None:
@@ -123,11 +134,12 @@ def preflight(train_set: ImageSet, scfg: SplitConfig, victim: tuple[str, TrainCo
 def defend(train_set: ImageSet, cfg: dict, run_dir: Path, *, guide=None, model_path: Path | None = None,
            snapshot_path: Path | None = None, poison_mask: np.ndarray | None = None,
            poisoned: PoisonedSet | None = None, test: ImageSet | None = None, extra_eval=None,
-           victim: TrainResult | None = None, log=print) -> dict:
+           victim: TrainResult | None = None, clean_indices: np.ndarray | None = None, log=print) -> dict:
     """Run the config's defense (`defense.name`, CGD by default) on `train_set` into `run_dir` (see design.md for
     the files). Intermediate results live in `run_dir/.work` so an interrupted run resumes; the outputs appear
     only once everything succeeded. A `victim` already trained on `train_set` with the config's recipe may be
-    passed in to be shared; `model_path` (and `snapshot_path`) give the user's own suspicious model instead."""
+    passed in to be shared; `model_path` (and `snapshot_path`) give the user's own suspicious model instead.
+    `clean_indices`: trusted clean training samples for the clean-data defenses (FP; the benchmark's oracle)."""
     run_dir = Path(run_dir)
     defense = defenses.DEFENSES.cls(cfg["defense"]["name"]).from_config(cfg, guide=guide)  # checks the settings
     tcfg = train_config(cfg)
@@ -144,7 +156,7 @@ def defend(train_set: ImageSet, cfg: dict, run_dir: Path, *, guide=None, model_p
         log("training the victim model (kept: epoch-T snapshot and per-sample losses)")
         victim = train_victim(train_set.images, train_set.labels, train_set.num_classes, tcfg, work / "victim",
                               cfg["victim"]["arch"], cfg["victim"]["arch_params"], class_names=train_set.class_names)
-    r = defense.run(train_set, victim, defenses.Context(cfg["seed"], work, extra_eval, log))
+    r = defense.run(train_set, victim, defenses.Context(cfg["seed"], work, extra_eval, log, clean_indices))
     metrics = run_metrics(cfg["defense"]["name"], r, victim, poison_mask, poisoned, test)
     write_outputs(run_dir, work, cfg_text, r, metrics, train_set, poison_mask, cfg)
     return metrics
@@ -192,13 +204,13 @@ def write_outputs(run_dir: Path, work: Path, cfg_text: str, r: defenses.DefenseR
         if s is not None:
             scores_csv(s, train_set.labels, poison_mask, out / "scores.csv")
             write_json(out / "split.json", {"sigma1": scfg.sigma1, "sigma2": scfg.sigma2,
-                                            "model_score": metrics["model_score"], "sizes": s.sizes(),
+                                            "model_score": metrics.get("model_score"), "sizes": s.sizes(),
                                             "clean": s.clean, "poison": s.poison, "mixed": s.mixed})
             entropy_map_png(s, poison_mask, out / "entropy_map.png", sigma1=scfg.sigma1, sigma2=scfg.sigma2,
                             title=f"{run_dir.parent.name}/{run_dir.name}")
         models.save_model(r.model, out / "defended.safetensors", input_size=train_set.images.shape[1:3],
                           class_names=train_set.class_names, defended_by=cfg["defense"]["name"],
-                          recipe=cfg["unlearn"])
+                          recipe=cfg["unlearn"] if cfg["defense"]["name"] == "cgd" else cfg["defense"]["params"])
         atomic_write_text(out / "report.md", run_report(run_dir.name, cfg, metrics))
         write_json(out / "metrics.json", metrics)
 
@@ -211,9 +223,19 @@ def run_report(name: str, cfg: dict, m: dict) -> str:
     for when in ("before", "after"):
         for k, v in m.get(when, {}).items():
             sections["Result"][f"{k.upper()} {when}"] = v
-    last = m["unlearn_history"][-1]
-    notes = [f"unlearning recipe `{cfg['unlearn']['recipe']}`, {last['epoch']} epoch(s)"
-             + (" (stopped early: held-out clean accuracy fell)" if m["stopped_early"] else ""),
-             f"model score: `{cfg['split']['model_score']}` (`{m['model_score']}`), guide: `{cfg['guide']['name']}`",
-             "entropy map: ![entropy map](entropy_map.png)"]
-    return markdown_report(f"CGD run {name}", sections, notes)
+    defense = m.get("defense", cfg["defense"]["name"])
+    notes = []
+    if m.get("unlearn_history"):
+        last = m["unlearn_history"][-1]
+        notes.append(f"unlearning recipe `{cfg['unlearn']['recipe']}`, {last['epoch']} epoch(s)"
+                     + (" (stopped early: held-out clean accuracy fell)" if m.get("stopped_early") else ""))
+    if "model_score" in m:
+        notes.append(f"model score: `{cfg['split']['model_score']}` (`{m['model_score']}`), "
+                     f"guide: `{cfg['guide']['name']}`")
+    if defense != "cgd":
+        notes.append(f"defense `{defense}`, params {cfg['defense']['params'] or 'default'}; "
+                     + ", ".join(f"{k}: {v}" for k, v in m.items() if k in ("u", "pruned", "clean_source", "clean",
+                                                                            "selection")))
+    if m["sizes"]:
+        notes.append("entropy map: ![entropy map](entropy_map.png)")
+    return markdown_report(f"{'CGD' if defense == 'cgd' else defense.upper()} run {name}", sections, notes)

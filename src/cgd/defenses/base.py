@@ -37,6 +37,9 @@ class Context:
     work: Path | None = None  # a folder for intermediate results (an interrupted run resumes); None: memory only
     extra_eval: Callable[[nn.Module], dict] | None = None  # logged for analysis only; never steers a defense
     log: Callable[[str], None] = lambda s: None
+    # trusted clean training indices for the clean-data defenses (FP, ...); in the benchmark an *oracle* drawn
+    # with the known poison mask (no real user has one); None: the defense has none
+    clean_indices: np.ndarray | None = None
 
 
 @dataclass

@@ -51,8 +51,21 @@ class CGD(Defense):
                    split_config(cfg), unlearn_config(cfg))
 
     def run(self, train: ImageSet, victim: TrainResult, context: Context) -> DefenseResult:
+        timings: dict[str, float] = {}
+        s, how = self.split_data(train, victim, context, timings)
+        res = unlearn(victim.model, train.images, train.labels, s, s.guide_logits, self.unlearn, train.num_classes,
+                      extra_eval=context.extra_eval)
+        timings["unlearn_s"] = res.seconds
+        return DefenseResult(res.model, s, timings, {"model_score": how, "unlearn_history": res.history,
+                                                     "stopped_early": res.stopped_early,
+                                                     "skipped": s.info["skipped"]})
+
+    def split_data(self, train: ImageSet, victim: TrainResult, context: Context, timings: dict[str, float]):
+        """CGD's scoring stages alone (guide, model score, split; no unlearning): (the split, the model score
+        used). Wall seconds per stage are added to `timings`. FP-SC and the other -SC baselines train on its
+        `clean` part."""
         images, labels, names, work = train.images, train.labels, train.class_names, context.work
-        scfg, timings = self.score_config(victim, context.log), {}
+        scfg = self.score_config(victim, context.log)
         with timed(timings, "guide_s"):
             context.log(f"scoring {len(labels)} samples with guide {getattr(self.guide, 'id', self.guide)}")
             g = guide_logits(self.guide, images, names, work)
@@ -66,12 +79,7 @@ class CGD(Defense):
                          if scfg.purify and has_features else None)
         how = s.info["model_score"] if scfg.model_score == "history" else scfg.model_score
         context.log(f"model score {how}; split: {s.sizes()}")
-        res = unlearn(victim.model, images, labels, s, s.guide_logits, self.unlearn, train.num_classes,
-                      extra_eval=context.extra_eval)
-        timings["unlearn_s"] = res.seconds
-        return DefenseResult(res.model, s, timings, {"model_score": how, "unlearn_history": res.history,
-                                                     "stopped_early": res.stopped_early,
-                                                     "skipped": s.info["skipped"]})
+        return s, how
 
     def score_config(self, victim: TrainResult, log) -> SplitConfig:
         """The split settings this victim allows: without a training-loss history (or a snapshot) the model is
