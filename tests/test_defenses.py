@@ -12,7 +12,8 @@ from cgd.data import save_npz
 from cgd.defenses import pruning
 from cgd.models import load_model, save_model
 from cgd.pipeline import SPLIT_OUTPUTS, defend, train_victim
-from cgd.train import TrainConfig, predict_logits
+from cgd.tensors import predict_logits
+from cgd.train import TrainConfig
 
 from conftest import LabelGuide
 from test_pipeline import tiny_cfg

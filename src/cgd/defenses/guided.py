@@ -44,7 +44,7 @@ class CGD(Defense):
     def from_config(cls, cfg: dict, guide=None, **objects) -> "CGD":
         from ..config import split_config, unlearn_config
 
-        if cfg["defense"]["params"]:
+        if cfg["defense"]["name"] == cls.name and cfg["defense"]["params"]:
             raise CGDError(f"defense.params {sorted(cfg['defense']['params'])}: CGD takes its settings from the "
                            "guide, split and unlearn sections, e.g. --set split.sigma1=0.3")
         return cls(guide if guide is not None else cfg["guide"]["name"], cfg["guide"]["params"],

@@ -17,7 +17,8 @@ from torch import nn
 
 from .. import CGDError
 from ..data import ImageSet
-from ..train import TrainResult, augment, make_optimizer, predict_logits, to_input
+from ..tensors import augment, predict_logits, to_input
+from ..train import TrainResult, make_optimizer
 from .base import DEFENSES, Context, Defense, DefenseResult, timed
 
 
