@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from . import CGDError, models
-from .attacks import PoisonedSet
+from .poisoned import PoisonedSet
 from .config import dumps_toml, explicit, split_config, train_config, unlearn_config
 from .data import ImageSet
 from .evaluate import ca_asr, clean_accuracy
