@@ -123,3 +123,12 @@ def test_an_explicit_config_loads_back_to_the_same_run(tmp_path):
     text = dumps_toml(explicit(defaults()))
     (tmp_path / "c.toml").write_text(text)
     assert dumps_toml(explicit(load_config(tmp_path / "c.toml"))) == text
+
+
+def test_pipeline_does_not_import_the_attacks():
+    """Defending needs only `PoisonedSet` (cgd.poisoned): `import cgd.pipeline` loads no attack module."""
+    import subprocess
+    import sys
+    code = "import sys, cgd.pipeline; print(sorted(m for m in sys.modules if m.startswith('cgd.attacks')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-from .attacks import PoisonedSet
+from .poisoned import PoisonedSet
 from .data import ImageSet
 from .tensors import accuracy, predict_logits
 

@@ -13,11 +13,11 @@ import numpy as np
 import torch
 
 from . import CGDError, defenses, models
-from .attacks import PoisonedSet
 from .config import dumps_toml, explicit, split_config, train_config
 from .data import ImageSet
 from .evaluate import ca_asr, clean_accuracy
 from .io import atomic_write_text, load_arrays, prepare_dir, read_json, save_arrays, staged_outputs, write_json
+from .poisoned import PoisonedSet
 from .split import SplitConfig, detection_metrics
 from .train import TrainConfig, TrainResult, train
 

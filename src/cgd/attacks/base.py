@@ -7,13 +7,13 @@ images; the attack succeeds on a model that then predicts `target` (ASR).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from .. import CGDError
 from ..data import ImageSet
+from ..poisoned import PoisonedSet
 from ..registry import Registry
 
 ATTACKS: Registry["Attack"] = Registry("attack")
@@ -22,29 +22,6 @@ ATTACKS: Registry["Attack"] = Registry("attack")
 def get(name: str, **params) -> "Attack":
     """`cgd.attacks.get("badnets", target=0, rate=0.05)`."""
     return ATTACKS.get(name, **params)
-
-
-@dataclass(frozen=True)
-class PoisonedSet:
-    """A poisoned training set and everything needed to measure the attack."""
-
-    train: ImageSet
-    poison_mask: np.ndarray
-    target: int
-    attack: str
-    params: dict[str, Any]
-    trigger: Callable[[np.ndarray], np.ndarray] = field(repr=False)
-    cross_mask: np.ndarray | None = None  # WaNet/IAB "noise" samples: altered images, labels kept
-
-    @property
-    def poison_rate(self) -> float:
-        return float(self.poison_mask.mean())
-
-    def triggered_test(self, test: ImageSet) -> ImageSet:
-        """Non-target test images with the trigger applied, labelled `target`: accuracy on it is the ASR."""
-        keep = test.labels != self.target
-        x = self.trigger(np.ascontiguousarray(test.images[keep]))
-        return ImageSet(x, np.full(int(keep.sum()), self.target, dtype=np.int64), list(test.class_names))
 
 
 class Attack:
