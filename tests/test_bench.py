@@ -29,3 +29,11 @@ def test_bench_cells_resume_and_a_changed_recipe_is_a_new_cell(tiny, tmp_path, m
     again = bench.run_benchmark(["badnets"], tiny_cfg(**{"unlearn.overrides.label_smoothing": 0.0}), root, **quiet)
     assert len(again) == 2
     assert json.loads(again[1].read_text())["unlearn_config"]["label_smoothing"] == 0.0
+
+
+def test_a_new_cell_never_overwrites_a_finished_one(tmp_path):
+    first = bench._new_cell(tmp_path, "ctrl", "none")
+    first.write_text("{}")
+    second = bench._new_cell(tmp_path, "ctrl", "none")
+    assert second != first and second.name.endswith("-ctrl-none.json") and not second.exists()
+    assert sorted(tmp_path.glob("*-ctrl-none.json")) == [first] and second.name > first.name  # newest sorts last

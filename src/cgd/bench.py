@@ -48,6 +48,17 @@ def _find(results: Path, attack: str, defense: str, key: str) -> Path | None:
     return None
 
 
+def _new_cell(results: Path, attack: str, defense: str) -> Path:
+    """Where a new cell goes: `<date>-<attack>-<defense>.json`, or `<date>b-…`, `<date>c-…` when a cell of another
+    configuration (another victim) already took that name today — a finished cell is never overwritten."""
+    today = _dt.date.today().isoformat()
+    for tag in ("", *"bcdefghijklmnopqrstuvwxyz"):
+        path = results / f"{today}{tag}-{attack}-{defense}.json"
+        if not path.exists():
+            return path
+    raise RuntimeError(f"too many {attack}-{defense} cells today in {results}")
+
+
 def train_asr_probe(poisoned: attacks.PoisonedSet, n: int = 1000, seed: int = 0):
     """A training-data stand-in for the ASR, for analysis during unlearning: the trigger applied to `n` clean
     non-target *training* images. Never touches the test set."""
@@ -88,8 +99,7 @@ def run_benchmark(attack_names: list[str], cfg: dict, root: Path, data: str = "c
         if _find(results, name, "none", key) is None:
             r = ca_asr(victim.model, ps, ds.test)
             cell = {**common, "defense": "none", **r, "victim_train_s": victim.seconds, "date": today}
-            write_json(results / f"{today}-{name}-none.json", cell)
-            written.append(results / f"{today}-{name}-none.json")
+            written.append(write_json(_new_cell(results, name, "none"), cell))
             log(f"{name} no defense: CA {r['ca']:.4f} ASR {r['asr']:.4f} ({victim.seconds:.0f} s victim)")
         if not with_cgd:
             continue
@@ -101,8 +111,7 @@ def run_benchmark(attack_names: list[str], cfg: dict, root: Path, data: str = "c
                     "timings": {**m["timings"], "victim_train_s": victim.seconds}, "sizes": m["sizes"],
                     "model_score": m["model_score"],
                     "unlearn_history": m["unlearn_history"], "date": today}
-            write_json(results / f"{today}-{name}-{defense}.json", cell)
-            written.append(results / f"{today}-{name}-{defense}.json")
+            written.append(write_json(_new_cell(results, name, defense), cell))
             log(f"{name} {defense}: CA {m['after']['ca']:.4f} ASR {m['after']['asr']:.4f}")
     return written
 
@@ -189,7 +198,7 @@ def run_baseline(attack: str, defense: str, cfg: dict, root: Path, data: str = "
                                                               "defense")},
             "git_commit": _commit(), "cores": torch.get_num_threads(), "cpu_count": os.cpu_count(), "cpu": _cpu(),
             "command": " ".join(sys.argv) if sys.argv else "", "date": today}
-    out = results / f"{today}-{attack}-{label}.json"
+    out = _new_cell(results, attack, label)
     write_json(out, cell)
     log(f"{attack} {label}: CA {m['after']['ca']:.4f} ASR {m['after']['asr']:.4f} "
         f"({wall:.0f} s wall, {cpu:.0f} s CPU)")

@@ -97,8 +97,9 @@ def dumps_json(obj, **kw) -> str:
     return json.dumps(finite_json(obj), default=_jsonable, allow_nan=False, **kw)
 
 
-def write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj) -> Path:
     atomic_write_text(path, dumps_json(obj, indent=2) + "\n")
+    return Path(path)
 
 
 def read_json(path: Path):
