@@ -49,14 +49,6 @@ class DefenseResult:
     timings: dict[str, float] = field(default_factory=dict)  # wall seconds per stage
     info: dict = field(default_factory=dict)  # what the defense reports about its run (JSON-able)
 
-    def flagged(self, n: int) -> np.ndarray | None:
-        """(n,) bool: the samples the defense judged poisoned (its D_p), or None when it judges none."""
-        if self.split is None:
-            return None
-        out = np.zeros(n, bool)
-        out[self.split.poison] = True
-        return out
-
 
 class Defense:
     """Base class. Subclasses set `name` (their registry key) and implement `run`; `from_config` builds one from
