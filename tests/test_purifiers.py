@@ -1,18 +1,20 @@
-"""The contrastive loss, the surrogate's two training stages (align, poison) on tiny random
+"""The contrastive loss, the surrogate's two training stages (align, poison) and the guide check, on tiny random
 towers and a tiny separable set (conftest.synthetic)."""
 
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from cgd import CGDError
+from cgd import CGDError, cli, guides
+from cgd.data import Dataset, save_npz
 from cgd.guides import surrogate as sg
-from cgd.purifiers import (StageConfig, align, attack_success_rate, fine_tune, label_aware_clip_loss,
+from cgd.purifiers import (StageConfig, align, attack_success_rate, check_guide, fine_tune, label_aware_clip_loss,
                            plant, poison, zero_shot_accuracy)
 
 from conftest import synthetic
@@ -119,3 +121,64 @@ def test_plant_adds_a_new_target_and_refuses_clean_label(data):
         plant(data[0], "sig", "green", rate=0.05)
     with pytest.raises(CGDError, match="poisons no pair"):
         plant(synthetic(8, 0), "badnets", "green", rate=0.01)
+
+
+# ---------------------------------------------------------------- the guide check
+
+def test_check_flags_the_poisoned_guide_and_passes_the_clean_one(aligned, blended, data):
+    x, names = data[1].images[:64], data[1].class_names
+    bad = check_guide(sg.surrogate_guide(blended[0]), x, names)
+    assert bad.suspicious and bad.target == "green" and bad.shift >= 0.5, bad.summary()
+    good = check_guide(sg.surrogate_guide(aligned[0]), x, names)
+    assert not good.suspicious, good.summary()
+    assert "SUSPICIOUS" in bad.summary() and "pass" in good.summary()
+    assert sum(bad.shifts.values()) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_check_refuses_guides_without_gradients():
+    from cgd.guides.imagenet_text import ImageNetTextGuide
+
+    with pytest.raises(CGDError, match="gradients"):
+        check_guide(ImageNetTextGuide(cache=False), synthetic(4, 0).images, ["red", "green"])
+
+
+def _tiny_hf_clip(path):
+    import transformers
+    from tokenizers import pre_tokenizers
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), max_position_embeddings=64, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1, **small),
+        vision_config=dict(image_size=32, patch_size=8, **small), projection_dim=16)
+    transformers.CLIPModel(config).save_pretrained(path)
+    transformers.CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(path)
+    return path
+
+
+def test_check_takes_gradients_through_a_transformers_clip(tmp_path, data):
+    g = guides.get("hf-clip", path=str(_tiny_hf_clip(tmp_path / "clip")), cache=False)
+    res = check_guide(g, data[1].images[:16], data[1].class_names, steps=3)
+    assert res.guide == "hf-clip" and res.target in data[1].class_names and -1 <= res.shift <= 1
+    assert res.images == 16 and set(res.shifts) == set(data[1].class_names)
+
+
+def test_cli_guide_check(aligned, blended, data, tmp_path, capsys):
+    npz = tmp_path / "d.npz"
+    save_npz(Dataset(data[0], data[1]), npz)
+    bad = sg.save_surrogate(blended[0], tmp_path / "bad.safetensors")
+    good = sg.save_surrogate(aligned[0], tmp_path / "good.safetensors")
+    args = ["guide", "check", "--guide", "surrogate", "--data", str(npz), "--images", "64"]
+    assert cli.main(args + ["--param", f"path={bad}", "--param", "cache=false"]) == 3
+    out = capsys.readouterr().out
+    assert "SUSPICIOUS" in out and "'green'" in out
+    assert cli.main(args + ["--param", f"path={good}", "--param", "cache=false", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["verdict"] == "pass"
+    assert cli.main(["guide", "check", "--guide", "imagenet-text", "--data", str(npz)]) == 1
+    assert "gradients" in capsys.readouterr().err
+    assert cli.main(args + ["--param", f"path={good}", "--eps", "8/0"]) == 1
