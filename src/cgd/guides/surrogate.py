@@ -45,8 +45,10 @@ LITE_MEAN, LITE_STD = (127 / 255,) * 3, (128 / 255,) * 3  # (x - 127) / 128, the
 IMAGE_KINDS, TEXT_KINDS = ("efficientnet-lite0", "tiny"), ("minilm", "tiny")
 LITE_BLOCKS, MINILM_LAYERS = 16, 6
 
-IMAGE_SCHEMA = {"trainable_blocks": Int(0, LITE_BLOCKS), "resolution": Int(16, 512), "width": Int(4, 256),
-                "depth": Int(1, 6)}
+# bounds keep what an untrusted configuration can make us allocate small: the largest tiny image tower has
+# 1.6 M parameters, the largest tiny text tower 10 M (MiniLM's vocabulary at width 256)
+IMAGE_SCHEMA = {"trainable_blocks": Int(0, LITE_BLOCKS), "resolution": Int(16, 512), "width": Int(4, 64),
+                "depth": Int(1, 4)}
 TEXT_SCHEMA = {"trainable_layers": Int(0, MINILM_LAYERS), "max_length": Int(8, 128), "hidden": Int(8, 256),
                "layers": Int(1, 4)}
 TOP_SCHEMA = {"embed_dim": Int(4, 1024)}
