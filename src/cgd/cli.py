@@ -115,14 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--data; the class whose share of the guide's predictions rises most is "
                                    "printed with its shift and a verdict (suspicious when the shift >= "
                                    "--threshold). Exit status 0: pass, 3: suspicious. Needs image gradients: "
-                                   "surrogate, hf-clip or open_clip guides (docs/purification.md).")
+                                   "surrogate, hf-clip, open_clip or imagenet-text guides (docs/purification.md).")
     p.add_argument("action", choices=["check"])
     p.add_argument("--guide", required=True, help="guide name, e.g. surrogate, hf-clip")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="guide parameter, e.g. --param path=guide.safetensors")
     p.add_argument("--data", default="auto", metavar="PATH|NAME", help="dataset whose test split supplies the "
                                                                        "clean images (default: %(default)s)")
-    p.add_argument("--images", type=int, default=64, help="clean test images used (default: %(default)s)")
+    p.add_argument("--images", type=int, default=64,
+                   help="about this many clean test images, a stratified draw (default: %(default)s)")
     p.add_argument("--eps", default="8/255", help="L_inf budget in [0, 1] pixel units, e.g. 8/255 "
                                                   "(default: %(default)s)")
     p.add_argument("--steps", type=int, default=10, help="PGD steps (default: %(default)s)")
