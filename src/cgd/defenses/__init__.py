@@ -8,5 +8,7 @@ runs CGD on a model of the user's own.
 from .base import DEFENSES, Context, Defense, DefenseResult, get, list  # noqa: A004
 from .guided import CGD, defend  # (importing registers "cgd")
 from .pruning import EP, FP, FPSC  # (registers "ep", "fp", "fp-sc")
+from .abl import ABL  # (registers "abl")
 
-__all__ = ["CGD", "DEFENSES", "EP", "FP", "FPSC", "Context", "Defense", "DefenseResult", "defend", "get", "list"]
+__all__ = ["ABL", "CGD", "DEFENSES", "EP", "FP", "FPSC", "Context", "Defense", "DefenseResult", "defend", "get",
+           "list"]
