@@ -9,6 +9,7 @@ from .base import DEFENSES, Context, Defense, DefenseResult, get, list  # noqa: 
 from .guided import CGD, defend  # (importing registers "cgd")
 from .pruning import EP, FP, FPSC  # (registers "ep", "fp", "fp-sc")
 from .abl import ABL  # (registers "abl")
+from .ibau import IBAU, IBAUSC  # (registers "i-bau", "i-bau-sc")
 
-__all__ = ["ABL", "CGD", "DEFENSES", "EP", "FP", "FPSC", "Context", "Defense", "DefenseResult", "defend", "get",
-           "list"]
+__all__ = ["ABL", "CGD", "DEFENSES", "EP", "FP", "FPSC", "IBAU", "IBAUSC", "Context", "Defense", "DefenseResult",
+           "defend", "get", "list"]

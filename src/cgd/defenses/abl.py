@@ -107,7 +107,8 @@ def isolation_split(losses: np.ndarray, isolated: np.ndarray) -> Split:
 @DEFENSES.register("abl")
 class ABL(Defense):
     """ABL (Li et al., NeurIPS 2021; BackdoorBench defense/abl.py, config/defense/abl/cifar10.yaml) on the
-    poisoned training set alone, no clean data. A new network of the victim's architecture (the victim's weights
+    poisoned training set alone, no clean data; by default at 5/10/5 epochs of BackdoorBench's 20/60/20 (CPU budget,
+    see Scaling). A new network of the victim's architecture (the victim's weights
     are not used) is (1) trained `tuning_epochs` on all the data without augmentation under the flooding loss
     |CE − 0.5| + 0.5 (`ascent="lga"`: sign(CE − γ)·CE, γ 0.5), lr `lr`; (2) each sample's CE is computed and the
     lowest `isolation_ratio` (1 %) is isolated as poison (the split's D_p); (3) the model is fine-tuned
