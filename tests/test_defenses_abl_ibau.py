@@ -134,7 +134,8 @@ def test_abl_run_directory_reports_the_isolation_as_the_split(tmp_path):
     m = defend(ps.train, cfg, run, poison_mask=ps.poison_mask, poisoned=ps, test=synthetic(100, 1), log=said.append)
     assert m["defense"] == "abl" and m["sizes"] == {"clean": 380, "poison": 20, "mixed": 0}
     assert m["lr"] == cfg["victim"]["lr"] == 0.2  # the victim recipe's lr, carried over (see the docstring)
-    assert {"tpr", "fpr"} <= set(m["detection"]) and "tuning_s" in m["timings"] and "asr" in m["after"]
+    assert {"tpr", "fpr", "auroc_model"} <= set(m["detection"]) and "auroc_guide" not in m["detection"]
+    assert "tuning_s" in m["timings"] and "asr" in m["after"]
     assert all((run / f).exists() for f in SPLIT_OUTPUTS)
     assert any("ABL isolated 20" in s for s in said)
 

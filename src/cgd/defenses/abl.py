@@ -50,7 +50,9 @@ def fresh_model(victim: TrainResult, seed: int) -> nn.Module:
         raise CGDError("abl trains a model of its own from scratch and needs to know the victim's architecture: "
                        "give a model saved by cgd (a .safetensors with its .json sidecar)")
     torch.manual_seed(seed)
-    return models.get(spec["name"], **spec["params"]).to(memory_format=torch.channels_last)
+    model = models.get(spec["name"], **spec["params"])
+    model.cgd_spec = {**spec, **model.cgd_spec}  # trained on the victim's data: its image size and class names
+    return model.to(memory_format=torch.channels_last)
 
 
 def run_epoch(model: nn.Module, opt: torch.optim.Optimizer, x_all: torch.Tensor, y_all: torch.Tensor,
