@@ -221,16 +221,21 @@ class IBAU(Defense):
 
     def outer_step(self, model: nn.Module, params: Tensors, opt: torch.optim.Optimizer, x: torch.Tensor,
                    y: torch.Tensor, delta: torch.Tensor, gen: torch.Generator) -> float:
-        """One Adam step of θ on the implicit hypergradient of the unlearning loss; returns that loss."""
-        outer = unlearning_loss(model, x, y, self.portion, gen)
-        grads = fixed_point_hypergradient(delta, params, gd_map(model, x, y, self.inner_step, self.reg), outer,
+        """One Adam step of θ on the implicit hypergradient of the unlearning loss; returns that loss (before the
+        step)."""
+        outer, seen = unlearning_loss(model, x, y, self.portion, gen), []
+
+        def recorded(d: torch.Tensor) -> torch.Tensor:
+            seen.append(outer(d))
+            return seen[-1]
+
+        grads = fixed_point_hypergradient(delta, params, gd_map(model, x, y, self.inner_step, self.reg), recorded,
                                           self.k)
         opt.zero_grad(set_to_none=True)
         for p, g in zip(params, grads):
             p.grad = g.detach()
         opt.step()
-        with torch.no_grad():
-            return float(outer(delta))
+        return float(seen[0].detach())
 
 
 @DEFENSES.register("i-bau-sc")
