@@ -108,8 +108,9 @@ def test_abl_trains_its_own_model_from_the_victims_architecture(faint_poisoned):
     victim = stand_in_victim(len(faint_poisoned.train))
     before = {k: v.clone() for k, v in victim.model.state_dict().items()}
     r = defenses.get("abl", **{**ABL_TINY, "tuning_epochs": 1, "finetuning_epochs": 0, "unlearning_epochs": 0}).run(
-        faint_poisoned.train, victim, defenses.Context())
+        faint_poisoned.train, victim, defenses.Context(extra_eval=lambda m: {"seen": True}))
     assert r.model is not victim.model and r.model.cgd_spec == victim.model.cgd_spec
+    assert r.info["eval"] == {s: {"seen": True} for s in ("tuning", "finetuning", "unlearning")}
     assert all(torch.equal(v, victim.model.state_dict()[k]) for k, v in before.items())  # victim untouched
     user_model = TrainResult(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(4)), None,
                              np.zeros((0, 800), np.float32))
@@ -242,8 +243,11 @@ def test_ibau_outer_step_carries_the_implicit_term_through_the_network(poisoned,
 def test_ibau_needs_clean_data_and_caps_it(poisoned, victim):
     with pytest.raises(Exception, match="clean-data defense"):
         defenses.get("i-bau").run(poisoned.train, victim, defenses.Context())
-    r = run_ibau(poisoned, victim, n_rounds=1, max_clean=64)
+    clean = np.flatnonzero(~poisoned.poison_mask)[:200]
+    r = defenses.get("i-bau", **{**IBAU_TINY, "n_rounds": 1, "max_clean": 64}).run(
+        poisoned.train, victim, defenses.Context(clean_indices=clean, extra_eval=lambda m: {"tta": m.flip_tta}))
     assert r.info["used"] == 64 and r.info["clean"] == 200
+    assert r.info["rounds"][0]["eval"] == {"tta": victim.model.flip_tta}  # evaluated as it will be used
     with pytest.raises(Exception, match="portion"):
         defenses.get("i-bau", portion=2.0)
 

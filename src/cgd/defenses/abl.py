@@ -75,6 +75,19 @@ def run_epoch(model: nn.Module, opt: torch.optim.Optimizer, x_all: torch.Tensor,
     return total / max(1, len(order))
 
 
+def stage(model: nn.Module, opt: torch.optim.Optimizer, data: tuple[torch.Tensor, torch.Tensor],
+          subset: np.ndarray, lrs: list[float], loss_fn: LossFn, batch_size: int, aug: str, gen: torch.Generator,
+          label: str, log: Callable[[str], None], ascent: bool = False) -> list[float]:
+    """One ABL stage: an epoch over `subset` at each lr of `lrs`. Returns the mean loss of each epoch."""
+    out = []
+    for e, lr in enumerate(lrs):
+        for g in opt.param_groups:
+            g["lr"] = lr
+        out.append(run_epoch(model, opt, *data, subset, batch_size, loss_fn, aug, gen, ascent))
+        log(f"ABL {label} epoch {e + 1}/{len(lrs)}: {out[-1]:.4f}")
+    return out
+
+
 def per_sample_loss(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Each sample's CE under `model` in eval mode, one view per image (fastnet's flip test-time augmentation
     off: the warm-up saw no flipped images)."""
@@ -182,26 +195,22 @@ class ABL(Defense):
         if int(len(train) * self.isolation_ratio) < 1:
             raise CGDError(f"abl: isolation_ratio {self.isolation_ratio} of {len(train)} samples isolates none")
         model = fresh_model(victim, context.seed)
-        x_all = torch.from_numpy(np.array(train.images))
-        y_all = torch.from_numpy(np.array(train.labels, dtype=np.int64))
+        data = (torch.from_numpy(np.array(train.images)), torch.from_numpy(np.array(train.labels, dtype=np.int64)))
         gen = torch.Generator().manual_seed(context.seed)
         everyone = np.arange(len(train))
         info: dict = {**self.settings(), "loss": {}, "eval": {}}
 
-        def stage_done(stage: str):
+        def stage_done(name: str) -> None:
             if context.extra_eval is not None:
-                info["eval"][stage] = context.extra_eval(model)
-                context.log(f"ABL after {stage}: {info['eval'][stage]}")
+                info["eval"][name] = context.extra_eval(model)
+                context.log(f"ABL after {name}: {info['eval'][name]}")
 
         with timed(timings, "tuning_s"):
             opt = make_optimizer(model, self.lr, self.momentum, self.weight_decay)
             floor = warmup_loss(self.ascent, self.gamma, self.flooding)
-            info["loss"]["tuning"] = []
-            for e in range(self.tuning_epochs):
-                info["loss"]["tuning"].append(run_epoch(model, opt, x_all, y_all, everyone, self.batch_size, floor,
-                                                        "none", gen))
-                context.log(f"ABL tuning epoch {e + 1}/{self.tuning_epochs}: {self.ascent} loss "
-                            f"{info['loss']['tuning'][-1]:.4f}")
+            info["loss"]["tuning"] = stage(model, opt, data, everyone, [self.lr] * self.tuning_epochs, floor,
+                                           self.batch_size, "none", gen, f"tuning ({self.ascent} loss)",
+                                           context.log)
         stage_done("tuning")
         with timed(timings, "isolation_s"):
             losses = per_sample_loss(model, train.images, train.labels)
@@ -210,25 +219,17 @@ class ABL(Defense):
         context.log(f"ABL isolated {len(isolated)} samples of lowest loss (max {losses[isolated].max():.4g})")
         with timed(timings, "finetuning_s"):
             opt = make_optimizer(model, self.lr, self.momentum, self.weight_decay)
-            info["loss"]["finetuning"] = []
             decay_at = int(round(self.finetuning_epochs * 2 / 3))
-            for e in range(self.finetuning_epochs):
-                for g in opt.param_groups:
-                    g["lr"] = self.lr if e < decay_at else self.lr / 10
-                info["loss"]["finetuning"].append(run_epoch(model, opt, x_all, y_all, others, self.batch_size,
-                                                            F.cross_entropy, self.augment, gen))
-                context.log(f"ABL fine-tuning epoch {e + 1}/{self.finetuning_epochs}: CE "
-                            f"{info['loss']['finetuning'][-1]:.4f}")
+            lrs = [self.lr if e < decay_at else self.lr / 10 for e in range(self.finetuning_epochs)]
+            info["loss"]["finetuning"] = stage(model, opt, data, others, lrs, F.cross_entropy, self.batch_size,
+                                               self.augment, gen, "fine-tuning (CE)", context.log)
         stage_done("finetuning")
-        with timed(timings, "unlearning_s"):
-            for g in opt.param_groups:
-                g["lr"] = self.unlearning_lr
-            info["loss"]["unlearning"] = []
-            for e in range(self.unlearning_epochs):
-                info["loss"]["unlearning"].append(run_epoch(model, opt, x_all, y_all, isolated, self.batch_size,
-                                                            F.cross_entropy, self.augment, gen, ascent=True))
-                context.log(f"ABL unlearning epoch {e + 1}/{self.unlearning_epochs}: CE on the isolated set "
-                            f"{info['loss']['unlearning'][-1]:.4f}")
+        with timed(timings, "unlearning_s"):  # the fine-tuning's optimizer (and momentum) carries on
+            info["loss"]["unlearning"] = stage(model, opt, data, isolated,
+                                               [self.unlearning_lr] * self.unlearning_epochs, F.cross_entropy,
+                                               self.batch_size, self.augment, gen,
+                                               "unlearning (CE on the isolated set, ascended)", context.log,
+                                               ascent=True)
         stage_done("unlearning")
         info["isolated"] = int(len(isolated))
         return DefenseResult(model.eval(), isolation_split(losses, isolated), timings, info)
