@@ -166,10 +166,11 @@ def run_metrics(name: str, r: defenses.DefenseResult, victim: TrainResult, poiso
     """metrics.json: the split's sizes and detection against a known poison mask, wall seconds, and CA (and ASR)
     on the test set before and after."""
     timings = {**({"victim_train_s": victim.seconds} if victim.epoch_seconds else {}), **r.timings}
+    detection = detection_metrics(poison_mask, r.split) if poison_mask is not None and r.split is not None else {}
+    if r.split is not None and "guide" in r.split.info and r.split.info["guide"] is None:
+        detection.pop("auroc_guide", None)  # a split made without a guide (ABL): its guide columns are 0
     metrics = {"defense": name, **r.info, "timings": timings,
-               "sizes": r.split.sizes() if r.split is not None else {},
-               "detection": detection_metrics(poison_mask, r.split)
-               if poison_mask is not None and r.split is not None else {}}
+               "sizes": r.split.sizes() if r.split is not None else {}, "detection": detection}
     if test is not None:
         metrics["before"], metrics["after"] = (ca_asr(m, poisoned, test) if poisoned is not None else
                                                {"ca": clean_accuracy(m, test)} for m in (victim.model, r.model))

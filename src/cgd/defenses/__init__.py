@@ -8,5 +8,8 @@ runs CGD on a model of the user's own.
 from .base import DEFENSES, Context, Defense, DefenseResult, get, list  # noqa: A004
 from .guided import CGD, defend  # (importing registers "cgd")
 from .pruning import EP, FP, FPSC  # (registers "ep", "fp", "fp-sc")
+from .abl import ABL  # (registers "abl")
+from .ibau import IBAU, IBAUSC  # (registers "i-bau", "i-bau-sc")
 
-__all__ = ["CGD", "DEFENSES", "EP", "FP", "FPSC", "Context", "Defense", "DefenseResult", "defend", "get", "list"]
+__all__ = ["ABL", "CGD", "DEFENSES", "EP", "FP", "FPSC", "IBAU", "IBAUSC", "Context", "Defense", "DefenseResult",
+           "defend", "get", "list"]
