@@ -34,8 +34,8 @@ from cgd.io import write_json
 from cgd.defenses.guided import guide_features, guide_logits, model_features, model_losses
 from cgd.pipeline import train_victim
 from cgd.tensors import predict_logits
-from cgd.split import (Split, SplitConfig, auroc, bimodality, detection_metrics, nll, per_class_rank, percentile_rank,
-                       spectral_scores, split_by)
+from cgd.split import (WINDOW_RULES, Split, SplitConfig, auroc, bimodality, detection_metrics, history_window, nll,
+                       per_class_rank, spectral_scores, split_by, window_shares)
 from cgd.unlearn import recipe, unlearn
 
 ROOT = Path(__file__).resolve().parent
@@ -137,19 +137,24 @@ def purify_table(attack: str) -> None:
 
 def window_table(attack: str) -> None:
     """Per epoch of the victim's loss history: AUROC of "low loss => poison" over all samples and within the target
-    class, and the share of guide-suspicious samples (guide rank > 1 - sigma2) among the fastest-learned sigma2,
-    the quantity `history:auto` maximises (chance = sigma2)."""
+    class, and the two statistics `history_window` picks its epoch by (`split.window_shares`: the level and the
+    gain share of guide-suspicious samples, chance = sigma2); then the window each rule picks."""
     ds, ps, victim, g, *_ = setup(attack)
     s2 = defaults()["split"]["sigma2"]
-    suspicious = percentile_rank(nll(g, ps.train.labels)) > 1 - s2
+    g_nll = nll(g, ps.train.labels)
+    shares = window_shares(victim.loss_history, g_nll, s2, first=1)
     target = ps.train.labels == ps.target
     rows = []
     for e, loss in enumerate(victim.loss_history, start=1):
         rows.append({"epoch": e, "auroc_all": auroc(-loss, ps.poison_mask),
                      "auroc_target_class": auroc(-loss[target], ps.poison_mask[target]),
-                     "suspicious_share": float((percentile_rank(loss)[suspicious] < s2).mean())})
-        print({k: round(v, 3) for k, v in rows[-1].items()}, flush=True)
-    write_json(ROOT / "results" / "ablation" / f"{tag(attack)}-window.json", rows)
+                     "level_share": shares["level"][e - 1], "gain_share": shares["gain"][e - 1] if e > 1 else None})
+        print({k: round(v, 3) for k, v in rows[-1].items() if v is not None}, flush=True)
+    picks = {rule: "{}-{}".format(*history_window(victim.loss_history, g_nll, s2, rule=rule))
+             for rule in WINDOW_RULES}
+    print("chance", s2, "margin", round(shares["margin"], 4), "windows", picks, flush=True)
+    write_json(ROOT / "results" / "ablation" / f"{tag(attack)}-window.json",
+               {"epochs": rows, "chance": s2, "margin": shares["margin"], "windows": picks})
 
 
 def with_oracle(s: Split, mask, oracle: str) -> Split:
