@@ -105,6 +105,23 @@ def get_or_create(kind: str, params: dict[str, Any], seed: int, ds: ImageSet,
     return Resource(d, load_arrays(d / "resource.safetensors"), read_json(d / "resource.json"), False)
 
 
+def get_or_create_on(first: Callable[[], tuple[Any, Resource]], kind: str, params: dict[str, Any], seed: int,
+                     ds: ImageSet, build: Callable[[Any, Resource], tuple[dict[str, np.ndarray], dict[str, Any]]],
+                     data_fingerprint: str | None = None) -> tuple[Resource, list[Resource]]:
+    """`get_or_create` for a resource built on another one: `first()` gives (that one's value, its `Resource`) and
+    runs only when this resource must be built, then `build(value, resource)`. Returns this resource and every
+    resource touched (the first one only when it was needed)."""
+    touched: list[Resource] = []
+
+    def run():
+        value, r_first = first()
+        touched.append(r_first)
+        return build(value, r_first)
+
+    r = get_or_create(kind, params, seed, ds, run, data_fingerprint)
+    return r, [*touched, r]
+
+
 # ------------------------------------------------------------------------------ module <-> arrays
 
 def module_arrays(prefix: str, module: nn.Module) -> dict[str, np.ndarray]:
@@ -220,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         k, v = kv.split("=", 1)
         params[k] = _parse_value(v)
     attack = get(args.attack, **params)
-    if not hasattr(attack, "prepare"):
+    if not attack.learned:
         print(f"{args.attack}: needs no generated resources")
         return 0
     ds = load_dataset(args.data)
