@@ -37,7 +37,8 @@ def _common(p: argparse.ArgumentParser, data_default: str = "auto") -> None:
 def _config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="a TOML or YAML file of settings (see docs/config.md)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one setting, e.g. --set split.sigma1=0.3 --set victim.epochs=6")
+                   help="override one setting, e.g. --set split.sigma1=0.3 --set victim.epochs=6; VALUE is a "
+                        "TOML value (3, 0.5, true, 'text', [1, 2], {k = 1}) or a bare word (paper)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attack", default="badnets", help="attack name (see `cgd attack --list`)")
     p.add_argument("--target", type=int, default=0, help="target class (default: %(default)s)")
     p.add_argument("--rate", type=float, default=None, help="poison rate (default: the attack's)")
-    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="attack parameter")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="an attack parameter, repeatable; VALUE as for --set (a TOML value or a bare word)")
     p.add_argument("--out", help="output .npz")
     p.add_argument("--list", action="store_true", help="list the attacks and exit")
 
@@ -135,20 +137,9 @@ def _load_cfg(args) -> dict:
     return cfg
 
 
-def _attack_params(items: list[str]) -> dict:
-    from .config import parse_value
-
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise CGDError(f"--param {item!r} must look like key=value")
-        k, v = item.split("=", 1)
-        out[k.strip()] = parse_value(v.strip())
-    return out
-
-
 def cmd_attack(args) -> int:
     from . import attacks
+    from .config import parse_assignments
     from .data import Dataset, load_dataset, save_npz
     from .io import prepare_dir, staged_outputs
 
@@ -158,7 +149,7 @@ def cmd_attack(args) -> int:
         return 0
     if not args.out:
         raise CGDError("--out is required (the .npz to write)")
-    params = _attack_params(args.param)
+    params = dict(parse_assignments(args.param, "--param"))
     params.update(target=args.target, seed=args.seed or 0)
     if args.rate is not None:
         params["rate"] = args.rate
