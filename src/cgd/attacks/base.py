@@ -85,8 +85,8 @@ class Attack:
         if not self.clean_label:
             labels[d.idx] = self.target
         cross_mask = None if d.cross is None else index_mask(d.cross, len(ds))
-        return self.finish(ds, ImageSet(images, labels, list(ds.class_names)), index_mask(d.idx, len(ds)),
-                           cross_mask, rng)
+        return self.finish(ds, ImageSet(images, labels, list(ds.class_names), ds.groups),
+                           index_mask(d.idx, len(ds)), cross_mask, rng)
 
     # ---------------------------------------------------------------------------------------- hooks
     def check_target(self, ds: ImageSet) -> None:
