@@ -73,7 +73,7 @@ class CGD(Defense):
             losses = model_losses(victim, images, labels, scfg)
         with timed(timings, "refine_split_s"):
             has_features = hasattr(victim.model, "features")
-            s = split_by(scfg, labels, g, losses, seed=context.seed,
+            s = split_by(scfg, labels, g, losses, seed=context.seed, groups=train.groups,
                          guide_features=guide_features(self.guide, images, work) if scfg.refine_rounds else None,
                          model_features=model_features(victim.model, images, work)
                          if scfg.purify and has_features else None)
