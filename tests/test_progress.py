@@ -1,7 +1,14 @@
 from types import SimpleNamespace
 
+import pytest
+
 from cgd import progress as progress_mod
 from cgd.progress import progress
+
+
+@pytest.fixture(autouse=True)
+def fresh_clock(monkeypatch):
+    monkeypatch.setattr(progress_mod, "_last_line", [None])  # no line written yet in this process
 
 
 def test_log_lines_when_not_a_terminal(monkeypatch, capsys):
@@ -30,3 +37,19 @@ def test_the_end_is_logged_when_the_last_line_was_earlier(monkeypatch, capsys):
     assert list(progress(range(3), desc="guide")) == [0, 1, 2]
     lines = capsys.readouterr().err.splitlines()
     assert [ln.split(",")[0] for ln in lines] == ["guide: 1/3 (33 %)", "guide: 3/3 (100 %)"]
+
+
+def test_a_run_of_short_loops_still_logs_once_a_minute(monkeypatch, capsys):
+    monkeypatch.delenv("CGD_QUIET", raising=False)
+    now = [0.0]
+
+    def tick():
+        now[0] += 10.0  # every reading 10 s later: each 3-item loop takes ~40 s, under LOG_EVERY_S
+        return now[0]
+
+    monkeypatch.setattr(progress_mod, "time", SimpleNamespace(monotonic=tick))
+    for epoch in range(1, 5):
+        assert list(progress(range(3), desc=f"victim epoch {epoch}/4")) == [0, 1, 2]
+    lines = capsys.readouterr().err.splitlines()
+    epochs = {ln.split(":")[0] for ln in lines}
+    assert len(lines) <= 4 and len(epochs) >= 2  # a line about once a minute, not only in the first epoch

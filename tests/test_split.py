@@ -3,7 +3,7 @@ import pytest
 
 from cgd import CGDError
 from cgd.split import (Split, auroc, detection_metrics, fill_clean_classes, history_window, nearest_neighbours,
-                       neighbour_poison_fraction, nll, oversample_clean, percentile_rank, purify, split)
+                       neighbour_poison_fraction, nll, oversample_clean, percentile_rank, purify, split, window_shares)
 
 
 def test_percentile_rank_orders_and_averages_ties():
@@ -132,6 +132,7 @@ def test_history_window_finds_the_epoch_the_shortcut_is_learned():
     h[4, suspicious] = 0.01  # in epoch 5 the flagged samples are learned first...
     h[0, suspicious] = 0.0  # ...and epoch 1 (warm-up) is ignored even where it looks the same
     assert history_window(h, guide, sigma2=0.1) == (5, 7)
+    assert history_window(h, guide, sigma2=0.1, rule="both") == (5, 7)  # a clear level peak: the level rule's
     h[7, suspicious] = 0.001
     h[4, suspicious] = 2.0
     assert history_window(h, guide, sigma2=0.1) == (8, 8)  # clipped at the last epoch
@@ -203,6 +204,9 @@ def test_history_window_gain_rule_finds_the_epoch_poison_is_learned_behind_easy_
     h[2:, :100] = 0.5 + 0.1 * rng.random((10, 100))  # ...then learned in epoch 3, though never among the fastest
     assert history_window(h, guide, sigma2=0.1) != (3, 5)  # the level rule is blind to it (chance in every epoch)
     assert history_window(h, guide, sigma2=0.1, rule="gain") == (3, 5)
+    assert history_window(h, guide, sigma2=0.1, rule="both") == (3, 5)  # no significant level peak: the gain's
+    shares = window_shares(h, guide, sigma2=0.1)
+    assert max(shares["level"]) < shares["chance"] + shares["margin"] < max(shares["gain"]) == shares["gain"][1]
     h[2:, :100] = h[1, :100]  # nothing learned: the gain share stays at chance, so the window starts at `first`
     assert history_window(h, guide, sigma2=0.1, rule="gain") == (2, 4)
     with pytest.raises(CGDError):

@@ -109,7 +109,7 @@ def run_benchmark(attack_names: list[str], cfg: dict, root: Path, data: str = "c
                        extra_eval=train_asr_probe(ps), victim=victim, log=log)
             cell = {**common, "defense": defense, **m["after"], "before": m["before"], "detection": m["detection"],
                     "timings": {**m["timings"], "victim_train_s": victim.seconds}, "sizes": m["sizes"],
-                    "model_score": m["model_score"],
+                    "model_score": m["model_score"], "window_shares": m.get("window_shares"),
                     "unlearn_history": m["unlearn_history"], "date": today}
             written.append(write_json(_new_cell(results, name, defense), cell))
             log(f"{name} {defense}: CA {m['after']['ca']:.4f} ASR {m['after']['asr']:.4f}")

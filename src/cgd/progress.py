@@ -8,19 +8,23 @@ import sys
 import time
 
 LOG_EVERY_S = 60.0
+_last_line = [None]  # when any loop last wrote a line: a run of loops shorter than a minute each (a victim's
+# epochs) still shows one line a minute
 
 
 def _log_lines(iterable, desc: str | None, total: int | None):
-    """Yield from `iterable`, writing 'desc: done/total (p %), elapsed' every LOG_EVERY_S seconds, and at the
-    end when the loop was long enough to have logged at all and the last line did not already say it."""
-    start = last = time.monotonic()
+    """Yield from `iterable`, writing 'desc: done/total (p %), elapsed' when LOG_EVERY_S seconds have passed since
+    the last line of any loop, and at the end when the loop has logged at all and its last line did not say it."""
+    start = time.monotonic()
+    if _last_line[0] is None:
+        _last_line[0] = start
     done = logged_at = 0
     for item in iterable:
         yield item
         done += 1
         now = time.monotonic()
-        if now - last >= LOG_EVERY_S:
-            last, logged_at = now, done
+        if now - _last_line[0] >= LOG_EVERY_S:
+            _last_line[0], logged_at = now, done
             _write(desc, done, total, now - start)
     if 0 < logged_at < done:
         _write(desc, done, total, time.monotonic() - start)

@@ -26,6 +26,9 @@ from . import CGDError
 from .schema import Int, Real
 
 
+WINDOW_RULES = ("level", "gain", "both")  # how `history_window` picks the model score's epochs
+
+
 @dataclass(frozen=True)
 class SplitConfig:
     """How CGD scores and splits a training set. The defaults are the cpu recipe (docs/benchmarks.md);
@@ -36,7 +39,7 @@ class SplitConfig:
     model_score: str = "history"  # "history": mean recorded training loss over `window`; "snapshot": NLL under
     # the epoch-T snapshot (the paper); "final": NLL under the final model
     window: tuple[int, int] | None = None  # epochs A..B (1-based, inclusive) of the loss history; None: chosen by
-    # `history_window`, by its `window_rule` ("level", or "gain": an option under study, docs/benchmarks.md)
+    # `history_window`, by its `window_rule` ("level"; "gain" and "both" are options under study, docs/benchmarks.md)
     window_rule: str = "level"
     refine_rounds: int = 2  # times the guide is sharpened by a linear probe on its own features (0: zero-shot)
     purify: float = 0.7  # share of each class's D_c kept by the neighbour purification (0: off)
@@ -53,8 +56,8 @@ class SplitConfig:
         if not 0 < self.sigma2 <= self.sigma1 < 0.5:
             raise CGDError(f"need 0 < split.sigma2 ≤ split.sigma1 < 0.5; got sigma1={self.sigma1}, "
                            f"sigma2={self.sigma2}")
-        if self.window_rule not in ("level", "gain"):
-            raise CGDError(f"unknown split.window_rule {self.window_rule!r}: use 'level' or 'gain'")
+        if self.window_rule not in WINDOW_RULES:
+            raise CGDError(f"unknown split.window_rule {self.window_rule!r}: use {', '.join(WINDOW_RULES)}")
         if self.model_score not in ("history", "snapshot", "final"):
             raise CGDError(f"unknown split.model_score {self.model_score!r}: use snapshot, final, history:auto or "
                            "history:A-B")
@@ -172,46 +175,65 @@ def split(guide_nll: np.ndarray, model_nll: np.ndarray, sigma1: float = 0.2, sig
     return Split(np.flatnonzero(clean), np.flatnonzero(poison), np.flatnonzero(mixed), guide_nll, model_nll, rg, rm)
 
 
+def window_shares(loss_history: np.ndarray, guide_nll: np.ndarray, sigma2: float = 0.1,
+                  first: int = 2) -> dict:
+    """The statistics `history_window` picks its epoch by, for epochs `first`.. (1-based) of an (epochs, N) loss
+    history: "level", the share of guide-suspicious samples (guide rank > 1 − σ2) among the lowest-loss σ2 of
+    all samples in that epoch; "gain", their share among the σ2 whose loss rank improved most since the epoch
+    before (the samples learned in that epoch); "chance" (σ2) and "margin", three binomial standard deviations
+    of a share over the σ2·N samples it counts, the height a peak must clear to be told from noise."""
+    h = np.asarray(loss_history)
+    if h.ndim != 2 or h.shape[1] != len(guide_nll) or len(h) == 0:
+        raise CGDError(f"loss history must be (epochs, N) with N = {len(guide_nll)}; got shape {h.shape}")
+    suspicious = percentile_rank(np.asarray(guide_nll)) > 1 - sigma2
+    first = min(first, len(h))
+    level, gain, prev = [], [], percentile_rank(h[max(first - 2, 0)])
+    for e in range(first - 1, len(h)):
+        now = percentile_rank(h[e])
+        level.append(float((now[suspicious] < sigma2).mean()) if suspicious.any() else 0.0)
+        gained = percentile_rank(prev - now) > 1 - sigma2
+        gain.append(float(suspicious[gained].mean()) if e > 0 and gained.any() else 0.0)
+        prev = now
+    n_top = max(int(round(sigma2 * h.shape[1])), 1)
+    return {"first": first, "level": level, "gain": gain, "chance": sigma2,
+            "margin": float(3 * np.sqrt(sigma2 * (1 - sigma2) / n_top))}
+
+
 def history_window(loss_history: np.ndarray, guide_nll: np.ndarray, sigma2: float = 0.1, width: int = 3,
                    first: int = 2, rule: str = "level") -> tuple[int, int]:
     """The epochs (1-based, inclusive) whose mean training loss makes the model score: the `width` epochs from the
     one, at or after `first`, where most guide-suspicious samples (guide rank > 1 − σ2) are among the lowest-loss
-    σ2 of all samples — the epoch a shortcut has been learned but the clean data not yet fitted. Epoch 1 is skipped:
-    inside the warm-up, loss ranks follow image statistics more than anything learned.
+    σ2 of all samples — the epoch a shortcut has been learned but the clean data not yet fitted (`window_shares`
+    computes the statistics). Epoch 1 is skipped: inside the warm-up, loss ranks follow image statistics more than
+    anything learned.
 
     When in no epoch the suspicious samples are among the fastest-learned more often than a random sample (share
     ≤ σ2), the guide does not see the poison (a clean-label attack on real images of the target class), and its
     epoch would be arbitrary — usually the last, where everything is fitted. The window then starts at `first`:
     a trigger is a shortcut, learned before the clean data.
 
-    `rule="gain"` (an option, not the default; docs/benchmarks.md, Fashion-MNIST demo) looks at the *change* instead
-    of the level: per epoch e ≥ `first`, the share of guide-suspicious samples among the σ2 whose loss rank improved
-    most from epoch e − 1 to e (the samples learned in that epoch). Where easy clean samples fill the lowest-loss σ2
-    in every epoch (Fashion-MNIST's trousers and bags), the level share stays at chance while the gain share peaks
-    in the epoch the trigger is learned. The peak must clear chance by three binomial standard deviations, else the
-    window starts at `first`."""
-    h = np.asarray(loss_history)
-    if h.ndim != 2 or h.shape[1] != len(guide_nll) or len(h) == 0:
-        raise CGDError(f"loss history must be (epochs, N) with N = {len(guide_nll)}; got shape {h.shape}")
-    if rule not in ("level", "gain"):
-        raise CGDError(f"unknown history window rule {rule!r}: use 'level' or 'gain'")
-    suspicious = percentile_rank(np.asarray(guide_nll)) > 1 - sigma2
-    first = min(first, len(h))
-    if rule == "level":
-        share = [(percentile_rank(h[e])[suspicious] < sigma2).mean() if suspicious.any() else 0.0
-                 for e in range(first - 1, len(h))]
-        start = first + int(np.argmax(share)) if max(share) > sigma2 else first
-        return start, min(start + width - 1, len(h))
-    share, prev = [], percentile_rank(h[max(first - 2, 0)])
-    for e in range(first - 1, len(h)):
-        now = percentile_rank(h[e])
-        gained = percentile_rank(prev - now) > 1 - sigma2
-        share.append(suspicious[gained].mean() if e > 0 and gained.any() else 0.0)
-        prev = now
-    n_top = max(int(round(sigma2 * h.shape[1])), 1)
-    margin = 3 * np.sqrt(sigma2 * (1 - sigma2) / n_top)
-    start = first + int(np.argmax(share)) if max(share) > sigma2 + margin else first
-    return start, min(start + width - 1, len(h))
+    `rule="gain"` looks at the *change* instead of the level: the epoch where the most guide-suspicious samples are
+    among those learned in it. Where easy clean samples fill the lowest-loss σ2 in every epoch (Fashion-MNIST's
+    trousers and bags), the level share stays at chance while the gain share peaks in the epoch the trigger is
+    learned. Its peak must clear chance by the margin (three binomial standard deviations), else the window starts
+    at `first`. `rule="both"` takes the level rule's epoch when its peak clears chance by that margin too, else
+    the gain rule's (docs/benchmarks.md, issue 13: options under study; "level" is the default)."""
+    return pick_window(window_shares(loss_history, guide_nll, sigma2, first), rule, width,
+                       len(loss_history))
+
+
+def pick_window(shares: dict, rule: str, width: int, epochs: int) -> tuple[int, int]:
+    """`history_window`'s choice from its `window_shares`."""
+    if rule not in WINDOW_RULES:
+        raise CGDError(f"unknown history window rule {rule!r}: use {', '.join(map(repr, WINDOW_RULES))}")
+    level, gain = np.array(shares["level"]), np.array(shares["gain"])
+    bar = shares["chance"] + shares["margin"]
+    if rule == "level" or (rule == "both" and level.max() > bar):
+        peak = level.argmax() if level.max() > (shares["chance"] if rule == "level" else bar) else None
+    else:
+        peak = gain.argmax() if gain.max() > bar else None
+    start = shares["first"] + (int(peak) if peak is not None else 0)
+    return start, min(start + width - 1, epochs)
 
 
 def nearest_neighbours(features: np.ndarray, k: int = 20, chunk: int = 1024,
@@ -508,7 +530,11 @@ def split_by(config: SplitConfig, labels, guide_logits, model_losses, *, guide_f
         raise CGDError(f"model_losses must be numbers; got dtype {losses.dtype}")
     info: dict = {"skipped": []}
     if losses.ndim == 2:
-        a, b = config.window or history_window(losses, nll(g, labels), config.sigma2, rule=config.window_rule)
+        a, b = config.window or (None, None)
+        if config.window is None:
+            w = window_shares(losses, nll(g, labels), config.sigma2)
+            info["window_shares"] = {k: np.round(v, 4).tolist() for k, v in w.items()}
+            a, b = pick_window(w, config.window_rule, 3, len(losses))
         if not 1 <= a <= b <= len(losses):
             raise CGDError(f"model score window {a}-{b}: epochs must lie in 1..{len(losses)}")
         model_nll = losses[a - 1:b].mean(axis=0).astype(np.float64)  # (a float32 history averages in float32)

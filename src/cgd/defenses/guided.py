@@ -21,7 +21,7 @@ from ..io import load_arrays, save_arrays
 from ..split import SplitConfig, nll, split_by
 from ..tensors import denormalize, predict_logits
 from ..train import TrainResult
-from ..unlearn import UnlearnConfig, unlearn
+from ..unlearn import UnlearnConfig, recipe, unlearn
 from .base import DEFENSES, Context, Defense, DefenseResult, timed
 
 
@@ -37,8 +37,8 @@ class CGD(Defense):
         from .. import guides
 
         self.guide = guides.get(guide, **(guide_params or {})) if isinstance(guide, str) else guide
-        self.split = split or SplitConfig()
-        self.unlearn = unlearn or UnlearnConfig()
+        self.split = split or SplitConfig()  # both default to the cpu recipe, as `cgd defend` runs it
+        self.unlearn = unlearn or recipe("cpu")
 
     @classmethod
     def from_config(cls, cfg: dict, guide=None, **objects) -> "CGD":
@@ -58,7 +58,8 @@ class CGD(Defense):
         timings["unlearn_s"] = res.seconds
         return DefenseResult(res.model, s, timings, {"model_score": how, "unlearn_history": res.history,
                                                      "stopped_early": res.stopped_early,
-                                                     "skipped": s.info["skipped"]})
+                                                     "skipped": s.info["skipped"],
+                                                     "window_shares": s.info.get("window_shares")})
 
     def split_data(self, train: ImageSet, victim: TrainResult, context: Context, timings: dict[str, float]):
         """CGD's scoring stages alone (guide, model score, split; no unlearning): (the split, the model score
@@ -250,8 +251,6 @@ def defend(model: nn.Module, images, labels, class_names, *, guide="imagenet-tex
         `.model` (the defended copy of `model`), `.split` (the clean / poisoned / mixed indices and scores),
         `.timings` and `.info` (the model score used, the unlearning history, skipped steps).
     """
-    from ..config import defaults, unlearn_config
-
     train = ImageSet(np.asarray(images).view(), np.asarray(labels, dtype=np.int64).copy(), list(class_names),
                      None if groups is None else np.asarray(groups).copy())
     adapted = Adapted(model, preprocess) if features is None else AdaptedWithFeatures(model, preprocess, features)
@@ -261,7 +260,7 @@ def defend(model: nn.Module, images, labels, class_names, *, guide="imagenet-tex
                        f"{train.num_classes} class_names, ({min(2, len(train))}, {train.num_classes})")
     history = np.zeros((0, len(train)), np.float32) if loss_history is None else np.asarray(loss_history)
     snap = None if snapshot is None else {f"inner.{k}": v for k, v in snapshot.items()}
-    cgd = CGD(guide, split=split, unlearn=unlearn or unlearn_config(dict(defaults(), seed=seed)))
+    cgd = CGD(guide, split=split, unlearn=unlearn or recipe("cpu", seed=seed))
     r = cgd.run(train, TrainResult(adapted, snap, history), Context(seed=seed, log=log or (lambda s: None)))
     r.model = r.model.inner.eval()
     return r
