@@ -19,6 +19,7 @@ typical use:
   cgd attack --attack badnets --out bad.npz  # poison a dataset (writes bad.npz and bad-asr.npz)
   cgd defend --data bad.npz --out runs/bad   # train the victim, split, unlearn; writes report.md
   cgd evaluate --model runs/bad/defended.safetensors --data bad-asr.npz --json   # ASR of the defended model
+  cgd guide check --guide surrogate --param path=g.safetensors --data cifar10     # is the guide backdoored?
 
 data is found automatically (CIFAR-10 in ../shared/data or $CGD_DATA, else Fashion-MNIST), or given with
 --data: an .npz (x_train, y_train, x_test, y_test, class_names), an image tarball, cifar-10-batches-py, or a
@@ -109,6 +110,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="dataset utilities: fetch, info")
     p.add_argument("action", choices=["fetch", "info"])
     p.add_argument("name", nargs="?", default="cifar10")
+
+    p = sub.add_parser("guide", help="guide utilities: check (a pre-flight test for a backdoored guide)",
+                       description="check: InverTune's target identification. A universal adversarial "
+                                   "perturbation (untargeted PGD, L_inf <= --eps) is built on clean test images of "
+                                   "--data; the class whose share of the guide's predictions rises most is "
+                                   "printed with its shift and a verdict (suspicious when the shift >= "
+                                   "--threshold). Exit status 0: pass, 3: suspicious. Needs image gradients: "
+                                   "surrogate, hf-clip, open_clip or imagenet-text guides (docs/purification.md).")
+    p.add_argument("action", choices=["check"])
+    p.add_argument("--guide", required=True, help="guide name, e.g. surrogate, hf-clip")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="guide parameter, e.g. --param path=guide.safetensors")
+    p.add_argument("--data", default="auto", metavar="PATH|NAME", help="dataset whose test split supplies the "
+                                                                       "clean images (default: %(default)s)")
+    p.add_argument("--images", type=int, default=64,
+                   help="about this many clean test images, a stratified draw (default: %(default)s)")
+    p.add_argument("--eps", default="8/255", help="L_inf budget in [0, 1] pixel units, e.g. 8/255 "
+                                                  "(default: %(default)s)")
+    p.add_argument("--steps", type=int, default=10, help="PGD steps (default: %(default)s)")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="share shift at or above which the guide is suspicious (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="which test images are drawn (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = sub.add_parser("bench", help="the reference benchmark (full CIFAR-10, resumable)",
                        description="Runs the design.md reference benchmark: for each attack, the victim "
@@ -275,6 +299,30 @@ def cmd_data(args) -> int:
     return 0
 
 
+def _fraction(text: str) -> float:
+    """'8/255' or '0.03' -> a float."""
+    try:
+        a, _, b = text.partition("/")
+        return float(a) / float(b) if b else float(a)
+    except (ValueError, ZeroDivisionError):
+        raise CGDError(f"--eps must be a number or a fraction like 8/255; got {text!r}") from None
+
+
+def cmd_guide(args) -> int:
+    from . import guides
+    from .data import load_dataset, stratified_subset
+    from .io import dumps_json
+    from .purifiers import check_guide
+
+    guide = guides.get(args.guide, **_attack_params(args.param))
+    ds = load_dataset(args.data)
+    test = stratified_subset(ds.test, args.images, args.seed)
+    res = check_guide(guide, test.images, ds.class_names, eps=_fraction(args.eps), steps=args.steps,
+                      threshold=args.threshold)
+    print(dumps_json(res.to_dict(), indent=2) if args.json else res.summary())
+    return 3 if res.suspicious else 0
+
+
 DEMO_VICTIM = {"batch_size": 128, "lr": 0.1}
 
 
@@ -316,7 +364,7 @@ def cmd_bench(args) -> int:
 
 
 COMMANDS = {"attack": cmd_attack, "train": cmd_train, "defend": cmd_defend, "evaluate": cmd_evaluate,
-            "data": cmd_data, "demo": cmd_demo, "bench": cmd_bench}
+            "data": cmd_data, "demo": cmd_demo, "bench": cmd_bench, "guide": cmd_guide}
 
 
 def main(argv: list[str] | None = None) -> int:

