@@ -69,7 +69,7 @@ def test_fetch_offline_fails_clearly(monkeypatch, tmp_path, capsys):
     assert code == 1 and "could not download" in err
 
 
-# -------------------------------------------------- one KEY=VALUE grammar: --set, --param, python -m cgd.attacks
+# ------------------------------------ one KEY=VALUE grammar: --set, cgd attack|guide --param, python -m cgd.attacks
 GRAMMAR = [("3", 3), ("-2", -2), ("0.5", 0.5), ("1e-3", 1e-3), ("true", True), ("false", False),
            ("paper", "paper"), ("'a b'", "a b"), ("one-to-one", "one-to-one"), ("[15, 31]", [15, 31]),
            ("{widths = [8, 16]}", {"widths": [8, 16]})]
@@ -79,8 +79,8 @@ MALFORMED = [("epochs", "must look like KEY=VALUE"), ("epochs=", "no value after
 
 
 def _captured_params(monkeypatch):
-    """Make `cgd.attacks.get` record the parameters it is given and stop there."""
-    from cgd import CGDError, attacks
+    """Make `cgd.attacks.get` and `cgd.guides.get` record the parameters they are given and stop there."""
+    from cgd import CGDError, attacks, guides
 
     seen = {}
 
@@ -89,11 +89,12 @@ def _captured_params(monkeypatch):
         raise CGDError("stop")
 
     monkeypatch.setattr(attacks, "get", get)
+    monkeypatch.setattr(guides, "get", get)
     return seen
 
 
 @pytest.mark.parametrize("text, value", GRAMMAR)
-def test_one_grammar_for_set_and_both_params(text, value, monkeypatch, capsys):
+def test_one_grammar_for_set_and_every_param(text, value, monkeypatch, capsys):
     from cgd.attacks import resources
     from cgd.config import apply_overrides, defaults
 
@@ -102,6 +103,8 @@ def test_one_grammar_for_set_and_both_params(text, value, monkeypatch, capsys):
     assert cli.main(["attack", "--attack", "badnets", "--out", "o.npz", "--param", f"x={text}"]) == 1
     assert seen.pop("x") == value
     assert resources.main(["--attack", "badnets", "--param", f"x={text}"]) == 1
+    assert seen.pop("x") == value
+    assert cli.main(["guide", "check", "--guide", "surrogate", "--param", f"x={text}"]) == 1
     assert seen.pop("x") == value
     capsys.readouterr()
 
@@ -113,7 +116,8 @@ def test_a_malformed_item_is_one_line_naming_it(item, needle, tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     _captured_params(monkeypatch)  # nothing may reach the attack
     for argv, prefix in ((["defend", "--data", "d.npz", "--out", "r", "--set", f"victim.{item}"], "cgd defend"),
-                         (["attack", "--attack", "badnets", "--out", "o.npz", "--param", item], "cgd attack")):
+                         (["attack", "--attack", "badnets", "--out", "o.npz", "--param", item], "cgd attack"),
+                         (["guide", "check", "--guide", "surrogate", "--param", item], "cgd guide")):
         code, _, err = run(capsys, *argv)
         assert code == 1 and err.startswith(f"{prefix}: error: {argv[-2]} {argv[-1]!r}") and needle in err, err
         assert err.count("\n") == 1

@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["check"])
     p.add_argument("--guide", required=True, help="guide name, e.g. surrogate, hf-clip")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="guide parameter, e.g. --param path=guide.safetensors")
+                   help="a guide parameter, repeatable, e.g. --param path=guide.safetensors; VALUE as for --set")
     p.add_argument("--data", default="auto", metavar="PATH|NAME", help="dataset whose test split supplies the "
                                                                        "clean images (default: %(default)s)")
     p.add_argument("--images", type=int, default=64,
@@ -310,11 +310,12 @@ def _fraction(text: str) -> float:
 
 def cmd_guide(args) -> int:
     from . import guides
+    from .config import parse_assignments
     from .data import load_dataset, stratified_subset
     from .io import dumps_json
     from .purifiers import check_guide
 
-    guide = guides.get(args.guide, **_attack_params(args.param))
+    guide = guides.get(args.guide, **dict(parse_assignments(args.param, "--param")))
     ds = load_dataset(args.data)
     test = stratified_subset(ds.test, args.images, args.seed)
     res = check_guide(guide, test.images, ds.class_names, eps=_fraction(args.eps), steps=args.steps,
