@@ -191,6 +191,22 @@ def test_defend_without_history_or_features_falls_back_and_says_so(tiny):
                    guide=LabelGuide(tiny.train.labels), preprocess=lambda x: (x - UsersNet.MEAN) / UsersNet.STD)
 
 
+def test_defend_hands_the_groups_to_the_split_and_the_hold_out(tiny, monkeypatch):
+    from cgd.defenses import guided
+
+    seen = {}
+    for name in ("split_by", "unlearn"):
+        def spy(*args, _real=getattr(guided, name), _name=name, **kwargs):
+            seen[_name] = kwargs.get("groups")
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(guided, name, spy)
+    groups = np.arange(len(tiny.train)) // 4  # e.g. GTSRB's tracks
+    model, _ = users_loop(tiny.train.images, tiny.train.labels, 4, epochs=1)
+    cgd.defend(model, tiny.train.images, tiny.train.labels, tiny.train.class_names, guide=LabelGuide(tiny.train.labels),
+               preprocess=lambda x: (x - UsersNet.MEAN) / UsersNet.STD, unlearn=UnlearnConfig(epochs=1), groups=groups)
+    assert (seen["split_by"] == groups).all() and (seen["unlearn"] == groups).all()
+
+
 def test_every_defense_runs_from_the_registry_alike():
     import cgd.defenses
 

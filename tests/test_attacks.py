@@ -62,3 +62,29 @@ def test_bad_parameters():
         attacks.get("badnets", target=7).poison(images())
     with pytest.raises(CGDError, match="unknown attack"):
         attacks.get("nope")
+
+
+def test_poison_template_hooks():
+    """A new attack writes only hooks: its cross samples come from the unpoisoned rest and keep their labels."""
+    class Stamp(attacks.Attack):
+        name = "stamp"
+
+        def apply_trigger(self, x):
+            return np.full_like(x, 255)
+
+        def cross_count(self, n_total, n_poison):
+            return 2 * n_poison
+
+        def cross_images(self, ds, d, rng):
+            return np.zeros_like(ds.images[d.cross])
+
+    ds = images(100)
+    ps = Stamp(rate=0.1).poison(ds)
+    assert ps.poison_mask.sum() == 10 and ps.cross_mask.sum() == 20 and not (ps.poison_mask & ps.cross_mask).any()
+    assert (ps.train.images[ps.poison_mask] == 255).all() and (ps.train.images[ps.cross_mask] == 0).all()
+    assert (ps.train.labels[ps.poison_mask] == 0).all()
+    assert (ps.train.labels[ps.cross_mask] == ds.labels[ps.cross_mask]).all()
+    rest = ~(ps.poison_mask | ps.cross_mask)
+    assert (ps.train.images[rest] == ds.images[rest]).all() and (ps.train.labels[rest] == ds.labels[rest]).all()
+    with pytest.raises(CGDError, match=r"only 75 are eligible \(non-target images\)"):
+        attacks.get("badnets", rate=0.9).poison(ds)

@@ -67,3 +67,61 @@ def test_fetch_offline_fails_clearly(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(data.urllib.request, "urlopen", refuse)
     code, _, err = run(capsys, "data", "fetch", "cifar10")
     assert code == 1 and "could not download" in err
+
+
+# ------------------------------------ one KEY=VALUE grammar: --set, cgd attack|guide --param, python -m cgd.attacks
+GRAMMAR = [("3", 3), ("-2", -2), ("0.5", 0.5), ("1e-3", 1e-3), ("true", True), ("false", False),
+           ("paper", "paper"), ("'a b'", "a b"), ("one-to-one", "one-to-one"), ("[15, 31]", [15, 31]),
+           ("{widths = [8, 16]}", {"widths": [8, 16]})]
+MALFORMED = [("epochs", "must look like KEY=VALUE"), ("epochs=", "no value after '='"), ("epochs=True", "lowercase"),
+             ("epochs=null", "no null value"), ("epochs=.5", "not a number as TOML writes them"),
+             ('kw={"a": 1}', "not a TOML value"), ("epochs=[1,", "not a TOML value")]
+
+
+def _captured_params(monkeypatch):
+    """Make `cgd.attacks.get` and `cgd.guides.get` record the parameters they are given and stop there."""
+    from cgd import CGDError, attacks, guides
+
+    seen = {}
+
+    def get(name, **params):
+        seen.update(params)
+        raise CGDError("stop")
+
+    monkeypatch.setattr(attacks, "get", get)
+    monkeypatch.setattr(guides, "get", get)
+    return seen
+
+
+@pytest.mark.parametrize("text, value", GRAMMAR)
+def test_one_grammar_for_set_and_every_param(text, value, monkeypatch, capsys):
+    from cgd.attacks import resources
+    from cgd.config import apply_overrides, defaults
+
+    assert apply_overrides(defaults(), [f"attack.params.x={text}"])["attack"]["params"]["x"] == value
+    seen = _captured_params(monkeypatch)
+    assert cli.main(["attack", "--attack", "badnets", "--out", "o.npz", "--param", f"x={text}"]) == 1
+    assert seen.pop("x") == value
+    assert resources.main(["--attack", "badnets", "--param", f"x={text}"]) == 1
+    assert seen.pop("x") == value
+    assert cli.main(["guide", "check", "--guide", "surrogate", "--param", f"x={text}"]) == 1
+    assert seen.pop("x") == value
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("item, needle", MALFORMED)
+def test_a_malformed_item_is_one_line_naming_it(item, needle, tmp_path, monkeypatch, capsys):
+    from cgd.attacks import resources
+
+    monkeypatch.chdir(tmp_path)
+    _captured_params(monkeypatch)  # nothing may reach the attack
+    for argv, prefix in ((["defend", "--data", "d.npz", "--out", "r", "--set", f"victim.{item}"], "cgd defend"),
+                         (["attack", "--attack", "badnets", "--out", "o.npz", "--param", item], "cgd attack"),
+                         (["guide", "check", "--guide", "surrogate", "--param", item], "cgd guide")):
+        code, _, err = run(capsys, *argv)
+        assert code == 1 and err.startswith(f"{prefix}: error: {argv[-2]} {argv[-1]!r}") and needle in err, err
+        assert err.count("\n") == 1
+    assert resources.main(["--attack", "badnets", "--param", item]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"python -m cgd.attacks: error: --param {item!r}") and needle in err
+    assert err.count("\n") == 1

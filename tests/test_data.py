@@ -152,3 +152,27 @@ def test_a_named_dataset_is_found_in_the_search_paths_or_refused_in_one_line(tmp
     files = {f"{split}/{c}/0.jpg": _jpeg((0, 0, 0)) for split in ("train", "test") for c in ("00", "01")}
     _tar(tmp_path / "gtsrb.tar.gz", files)
     assert load_dataset("gtsrb").class_names == ["00", "01"]  # no README: the folder names
+
+
+def test_gtsrb_tracks_become_groups_that_travel_with_the_training_set(tmp_path):
+    """Files named <track>_<frame> (GTSRB) give one group per (class, track); the groups survive the cache, an .npz,
+    a subset and poisoning; other names give none."""
+    from cgd import attacks
+
+    files = {f"train/{c}/{t:05d}_{f:05d}.jpg": _jpeg((100 * k, 0, 0)) for k, c in enumerate(("00", "01"))
+             for t in range(3) for f in range(4)}
+    files.update({f"test/{c}/{i:05d}.jpg": _jpeg((0, 0, 0)) for c in ("00", "01") for i in range(2)})
+    path = _tar(tmp_path / "signs.tar.gz", files)
+    for ds in (load_dataset(path), load_dataset(path)):  # decoded, then from the cache
+        g = ds.train.groups
+        assert g is not None and len(np.unique(g)) == 6 and ds.test.groups is None
+        for gid in np.unique(g):  # a group is 4 frames of one class
+            assert (g == gid).sum() == 4 and len(np.unique(ds.train.labels[g == gid])) == 1
+    save_npz(ds, tmp_path / "d.npz")
+    assert (load_dataset(tmp_path / "d.npz").train.groups == g).all()
+    assert (ds.train.subset(np.arange(0, 24, 2)).groups == g[::2]).all()
+    assert (attacks.get("badnets", rate=0.2).poison(ds.train).train.groups == g).all()
+    plain = {f"{s}/{c}/{i:04d}.jpg": _jpeg((0, 0, 0)) for s in ("train", "test") for c in ("a", "b") for i in range(2)}
+    assert load_dataset(_tar(tmp_path / "plain.tar.gz", plain)).train.groups is None
+    with pytest.raises(CGDError, match="groups must be integers, one per image"):
+        ImageSet(ds.train.images, ds.train.labels, ds.class_names, g[:-1])

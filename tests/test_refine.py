@@ -25,3 +25,18 @@ def test_probe_flags_mislabelled_samples_out_of_fold():
 def test_probe_needs_every_class():
     with pytest.raises(CGDError, match="misses some classes"):
         probe_logits(np.zeros((4, 2)), np.array([0, 0, 1, 1]), np.array([0, 1]), 2)
+
+
+def test_probe_folds_take_whole_groups():
+    """Ten near-copies per group (a GTSRB track) under a random label per group: per-sample folds let the probe
+    learn a sample's label from its copies in the other fold; folds by group leave it at chance."""
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(60), 10)
+    labels = np.repeat(rng.integers(0, 4, 60), 10)
+    features = rng.normal(size=(60, 32))[groups] + 0.01 * rng.normal(size=(600, 32))
+    trusted = np.arange(600)
+    p_label = {}
+    for name, g in (("samples", None), ("groups", groups)):
+        logp = probe_logits(features, labels, trusted, 4, groups=g)
+        p_label[name] = float(np.exp(logp[trusted, labels]).mean())
+    assert p_label["samples"] > 0.6 and p_label["groups"] < 0.3, p_label

@@ -240,3 +240,16 @@ def test_bimodality_flags_the_class_split_into_two_clusters():
     b = bimodality(spectral_scores(f, labels, signed=True), labels)
     assert b[0] > 5 / 9 > b[1]
     assert abs(b[1] - 1 / 3) < 0.05
+
+
+def test_neighbours_skip_the_own_group():
+    """With groups (GTSRB tracks) a sample's neighbours are never the other frames of its own sign."""
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(20), 5)
+    f = rng.normal(size=(20, 16))[groups] + 0.01 * rng.normal(size=(100, 16))
+    same = groups[nearest_neighbours(f, k=4)] == groups[:, None]
+    assert same.all()  # without groups: the own track's four other frames
+    near = nearest_neighbours(f, k=4, groups=groups)
+    assert not (groups[near] == groups[:, None]).any()
+    with pytest.raises(CGDError, match="up to 5 are one group"):
+        nearest_neighbours(f, k=96, groups=groups)

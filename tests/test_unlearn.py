@@ -131,3 +131,18 @@ def test_freeze_bn_keeps_the_victims_batch_norm_statistics(tiny, backdoored):
     assert not all(torch.equal(a, b) for a, b in zip(before, stats(moved.model)))
     with pytest.raises(CGDError, match="label_smoothing"):
         UnlearnConfig(label_smoothing=1.0)
+
+
+def test_the_held_out_slice_takes_whole_groups():
+    """With groups (GTSRB tracks) no group is split between the held-out slice and the rest; without, the draw is
+    the plain permutation it always was."""
+    from cgd.unlearn import hold_out
+
+    clean = np.arange(0, 600, 2)
+    groups = np.arange(600) // 30
+    held, rest = hold_out(clean, 0.11, np.random.default_rng(0), groups)
+    assert len(held) == 45 and len(held) + len(rest) == len(clean)  # 3 whole groups of 15 reach 11 % (33)
+    assert not set(groups[held]) & set(groups[rest])
+    held, rest = hold_out(clean, 0.1, np.random.default_rng(0))
+    perm = np.random.default_rng(0).permutation(clean)
+    assert (held == np.sort(perm[:30])).all() and (rest == perm[30:]).all()

@@ -38,7 +38,8 @@ def _common(p: argparse.ArgumentParser, data_default: str = "auto") -> None:
 def _config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="a TOML or YAML file of settings (see docs/config.md)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one setting, e.g. --set split.sigma1=0.3 --set victim.epochs=6")
+                   help="override one setting, e.g. --set split.sigma1=0.3 --set victim.epochs=6; VALUE is a "
+                        "TOML value (3, 0.5, true, 'text', [1, 2], {k = 1}) or a bare word (paper)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attack", default="badnets", help="attack name (see `cgd attack --list`)")
     p.add_argument("--target", type=int, default=0, help="target class (default: %(default)s)")
     p.add_argument("--rate", type=float, default=None, help="poison rate (default: the attack's)")
-    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="attack parameter")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="an attack parameter, repeatable; VALUE as for --set (a TOML value or a bare word)")
     p.add_argument("--out", help="output .npz")
     p.add_argument("--list", action="store_true", help="list the attacks and exit")
 
@@ -119,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["check"])
     p.add_argument("--guide", required=True, help="guide name, e.g. surrogate, hf-clip")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="guide parameter, e.g. --param path=guide.safetensors")
+                   help="a guide parameter, repeatable, e.g. --param path=guide.safetensors; VALUE as for --set")
     p.add_argument("--data", default="auto", metavar="PATH|NAME", help="dataset whose test split supplies the "
                                                                        "clean images (default: %(default)s)")
     p.add_argument("--images", type=int, default=64,
@@ -159,20 +161,9 @@ def _load_cfg(args) -> dict:
     return cfg
 
 
-def _attack_params(items: list[str]) -> dict:
-    from .config import parse_value
-
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise CGDError(f"--param {item!r} must look like key=value")
-        k, v = item.split("=", 1)
-        out[k.strip()] = parse_value(v.strip())
-    return out
-
-
 def cmd_attack(args) -> int:
     from . import attacks
+    from .config import parse_assignments
     from .data import Dataset, load_dataset, save_npz
     from .io import prepare_dir, staged_outputs
 
@@ -182,7 +173,7 @@ def cmd_attack(args) -> int:
         return 0
     if not args.out:
         raise CGDError("--out is required (the .npz to write)")
-    params = _attack_params(args.param)
+    params = dict(parse_assignments(args.param, "--param"))
     params.update(target=args.target, seed=args.seed or 0)
     if args.rate is not None:
         params["rate"] = args.rate
@@ -319,11 +310,12 @@ def _fraction(text: str) -> float:
 
 def cmd_guide(args) -> int:
     from . import guides
+    from .config import parse_assignments
     from .data import load_dataset, stratified_subset
     from .io import dumps_json
     from .purifiers import check_guide
 
-    guide = guides.get(args.guide, **_attack_params(args.param))
+    guide = guides.get(args.guide, **dict(parse_assignments(args.param, "--param")))
     ds = load_dataset(args.data)
     test = stratified_subset(ds.test, args.images, args.seed)
     res = check_guide(guide, test.images, ds.class_names, eps=_fraction(args.eps), steps=args.steps,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import datetime
 import tomllib
 from dataclasses import asdict
 from pathlib import Path
@@ -78,29 +79,66 @@ def merge(base: dict, user: dict, where: str = "config") -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------- KEY=VALUE on the command line
+# One grammar for `--set section.key=value`, `cgd attack --param key=value` and `python -m cgd.attacks --param`:
+# the value is a TOML value (3, 0.5, 1e-3, true, 'text', [1, 2], {widths = [8, 16]}); a bare word that is no TOML
+# value (paper, fastnet, one-to-one, none, a/path) is that string. What looks meant as something else is refused.
+
+
 def parse_value(text: str):
+    """One VALUE as described above; a `CGDError` saying what is wrong with it otherwise."""
+    text = text.strip()
+    if not text:
+        raise CGDError("no value after '='; an empty string is written ''")
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        value = tomllib.loads(f"v = {text}")["v"]
+        return text if isinstance(value, (datetime.date, datetime.time)) else value  # no setting takes a date
     except tomllib.TOMLDecodeError:
-        return text
+        pass
+    if text.lower() in ("true", "false"):
+        raise CGDError("booleans are lowercase: true or false")
+    if text in ("null", "None", "NULL", "Null"):  # a bare `none` stays a string (victim.augment=none)
+        raise CGDError("there is no null value; leave the setting out to keep its default")
+    try:
+        float(text)
+    except ValueError:
+        pass
+    else:
+        raise CGDError("not a number as TOML writes them (e.g. 0.5, 8, 1e-3)")
+    if text[0] in "[{\"'":
+        raise CGDError("not a TOML value (a list [1, 2], a table {key = 1}, a string 'text')")
+    return text
+
+
+def parse_assignments(items: list[str], flag: str) -> list[tuple[str, object]]:
+    """`["victim.epochs=3", "unlearn.recipe=paper"]` → [("victim.epochs", 3), ("unlearn.recipe", "paper")]; an
+    error names the item and its `flag` (`--set`, `--param`)."""
+    out = []
+    for item in items:
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or not key or any(c.isspace() for c in key):
+            raise CGDError(f"{flag} {item!r} must look like KEY=VALUE")
+        try:
+            out.append((key, parse_value(value)))
+        except CGDError as e:
+            raise CGDError(f"{flag} {item!r}: {e}") from None
+    return out
 
 
 def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
-    """`["unlearn.recipe=paper", "victim.epochs=3"]` → a new config."""
+    """`["unlearn.recipe=paper", "victim.epochs=3"]` (each `--set`) → a new config."""
     out = copy.deepcopy(cfg)
-    for item in overrides:
-        if "=" not in item:
-            raise CGDError(f"override {item!r} must look like section.key=value")
-        key, value = item.split("=", 1)
-        parts = key.strip().split(".")
+    for item, (key, value) in zip(overrides, parse_assignments(overrides, "--set")):
+        parts = key.split(".")
         node = out
         for p in parts[:-1]:
             if p not in node or not isinstance(node[p], dict):
-                raise CGDError(f"override {item!r}: unknown section {p!r}")
+                raise CGDError(f"--set {item!r}: unknown section {p!r}")
             node = node[p]
         if parts[-1] not in node and not any(s in parts for s in ("params", "arch_params", "overrides")):
-            raise CGDError(f"override {item!r}: unknown setting {parts[-1]!r}; known: {', '.join(node)}")
-        node[parts[-1]] = parse_value(value.strip())
+            raise CGDError(f"--set {item!r}: unknown setting {parts[-1]!r}; known: {', '.join(node)}")
+        node[parts[-1]] = value
     return out
 
 

@@ -61,14 +61,23 @@ READ_CHUNK = 16 << 20  # large arrays are read into their final buffer in chunks
 
 @dataclass(frozen=True)
 class ImageSet:
-    """Images with integer labels. `images` is uint8 (N, H, W, 3); `labels` int64 (N,)."""
+    """Images with integer labels. `images` is uint8 (N, H, W, 3); `labels` int64 (N,). `groups` (optional, int64
+    (N,)): samples that share a group id are one physical object seen several times (GTSRB's 30-frame tracks), so
+    a held-out slice takes whole groups."""
 
     images: np.ndarray
     labels: np.ndarray
     class_names: list[str] = field(default_factory=list)
+    groups: np.ndarray | None = None
 
     def __post_init__(self):
         validate(self.images, self.labels, self.class_names)
+        if self.groups is not None:
+            g = self.groups
+            if not isinstance(g, np.ndarray) or g.shape != self.labels.shape or not np.issubdtype(g.dtype, np.integer):
+                raise CGDError(f"groups must be integers, one per image ({len(self.labels)}); got "
+                               f"{getattr(g, 'dtype', type(g).__name__)} of shape {getattr(g, 'shape', None)}")
+            self.groups.setflags(write=False)
         self.images.setflags(write=False)
         self.labels.setflags(write=False)
 
@@ -80,7 +89,8 @@ class ImageSet:
         return len(self.class_names)
 
     def subset(self, idx: np.ndarray) -> "ImageSet":
-        return ImageSet(self.images[idx], self.labels[idx], list(self.class_names))
+        groups = None if self.groups is None else self.groups[idx]
+        return ImageSet(self.images[idx], self.labels[idx], list(self.class_names), groups)
 
 
 @dataclass(frozen=True)
@@ -117,11 +127,13 @@ def validate(images: np.ndarray, labels: np.ndarray, class_names: list[str]) -> 
                        f"found range {labels.min()}..{labels.max()}")
 
 
-def make_imageset(images, labels, class_names) -> ImageSet:
+def make_imageset(images, labels, class_names, groups=None) -> ImageSet:
     labels = np.asarray(labels)
     if np.issubdtype(labels.dtype, np.integer):
         labels = labels.astype(np.int64)
-    return ImageSet(np.ascontiguousarray(images), labels, [str(c) for c in class_names])
+    if groups is not None and np.issubdtype(np.asarray(groups).dtype, np.integer):
+        groups = np.asarray(groups, dtype=np.int64)
+    return ImageSet(np.ascontiguousarray(images), labels, [str(c) for c in class_names], groups)
 
 
 # ----------------------------------------------------------------------------------------------- loaders
@@ -129,13 +141,13 @@ def make_imageset(images, labels, class_names) -> ImageSet:
 def load_npz(path: str | os.PathLike) -> Dataset:
     """Load `x_train, y_train, x_test, y_test, class_names` from an `.npz` (no pickles allowed)."""
     path = Path(path)
-    z = read_npz(path, NPZ_ARRAYS)
+    z = read_npz(path, NPZ_ARRAYS, optional=("groups_train",))
     if z["class_names"].ndim != 1 or len(z["class_names"]) > MAX_CLASSES:
         raise CGDError(f"{path}: class_names must be a 1-D array of at most {MAX_CLASSES} names; "
                        f"got shape {z['class_names'].shape}")
     names = [str(c) for c in z["class_names"]]
-    return Dataset(make_imageset(z["x_train"], z["y_train"], names), make_imageset(z["x_test"], z["y_test"], names),
-                   name=path.stem)
+    return Dataset(make_imageset(z["x_train"], z["y_train"], names, z.get("groups_train")),
+                   make_imageset(z["x_test"], z["y_test"], names), name=path.stem)
 
 
 def read_npz(path: Path, required: tuple[str, ...] = (), optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
@@ -222,8 +234,11 @@ def _read_into(f, buf: memoryview, where: str) -> None:
 
 
 def save_npz(dataset: Dataset, path: str | os.PathLike, **extra: np.ndarray) -> None:
-    """The `.npz` layout `load_npz` reads; `extra` arrays (e.g. `poison_mask`) are stored beside it."""
+    """The `.npz` layout `load_npz` reads (`groups_train` when the training set has groups); `extra` arrays (e.g.
+    `poison_mask`) are stored beside it."""
     buf = io.BytesIO()
+    if dataset.train.groups is not None:
+        extra = {"groups_train": dataset.train.groups, **extra}
     np.savez(buf, x_train=dataset.train.images, y_train=dataset.train.labels, x_test=dataset.test.images,
              y_test=dataset.test.labels, class_names=np.array(dataset.class_names), **extra)
     atomic_write_bytes(Path(path), buf.getvalue())
@@ -420,8 +435,25 @@ def _read_image_tree(path: Path, entries) -> Dataset:
     out = []
     for split in ("train", "test"):
         items = sorted(split_items[split], key=lambda t: (index[t[0]], t[1]))
-        out.append(make_imageset(np.stack([im for _, _, im in items]), [index[c] for c, _, _ in items], names))
+        out.append(make_imageset(np.stack([im for _, _, im in items]), [index[c] for c, _, _ in items], names,
+                                 track_groups([(c, f) for c, f, _ in items]) if split == "train" else None))
     return Dataset(out[0], out[1], name=path.name.split(".")[0])
+
+
+TRACK_STEM = re.compile(r"(\d+)_\d+")  # GTSRB's training files: <track>_<frame>.jpg, tracks numbered per class
+
+
+def track_groups(files: list[tuple[str, str]]) -> np.ndarray | None:
+    """One group id per (class folder, track) for training files named `<track>_<frame>.<ext>` (GTSRB: the 30
+    frames of one physical sign), in the order given; None unless every file is named so."""
+    keys = []
+    for c, f in files:
+        m = TRACK_STEM.fullmatch(f.rsplit(".", 1)[0])
+        if m is None:
+            return None
+        keys.append((c, int(m.group(1))))
+    ids = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+    return np.array([ids[k] for k in keys], dtype=np.int64)
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -538,7 +570,8 @@ def _read_fashion(root: Path) -> Dataset:
 
 def _cached(source: Path, reader, name: str | None = None) -> Dataset:
     st = source.stat()
-    key = hashlib.sha256(f"{source.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    # ":groups": caches written before the training groups were kept are not reused
+    key = hashlib.sha256(f"{source.resolve()}:{st.st_size}:{st.st_mtime_ns}:groups".encode()).hexdigest()[:16]
     cached = cache_dir("datasets") / f"{source.name.split('.')[0]}-{key}.npz"
     if cached.exists():
         ds = load_npz(cached)

@@ -42,16 +42,21 @@ def standardise(features: np.ndarray) -> np.ndarray:
 
 
 def probe_logits(features: np.ndarray, labels: np.ndarray, trusted: np.ndarray, num_classes: int,
-                 folds: int = 2, seed: int = 0, l2: float = 1e-3) -> np.ndarray:
+                 folds: int = 2, seed: int = 0, l2: float = 1e-3, groups: np.ndarray | None = None) -> np.ndarray:
     """Out-of-fold probe log-probabilities (N, C) for every sample: trusted samples are scored by the probe fitted on
-    the other folds; the others by the average of all fold probes."""
+    the other folds; the others by the average of all fold probes. With `groups` (GTSRB's tracks) a fold takes
+    whole groups, so no sample is scored by a probe that saw another frame of its sign."""
     trusted = np.asarray(trusted)
     labels = np.asarray(labels)
     if len(np.unique(labels[trusted])) < num_classes:
         raise CGDError("the trusted subset misses some classes: cannot fit a probe over all labels")
     x = standardise(features)
     xt = torch.from_numpy(x)
-    fold_of = np.random.default_rng(seed).integers(0, folds, size=len(trusted))
+    if groups is None:
+        fold_of = np.random.default_rng(seed).integers(0, folds, size=len(trusted))
+    else:
+        ids, group_of = np.unique(np.asarray(groups)[trusted], return_inverse=True)
+        fold_of = np.random.default_rng(seed).integers(0, folds, size=len(ids))[group_of]
     out = np.zeros((len(x), num_classes), dtype=np.float64)
     untrusted = np.ones(len(x), bool)
     untrusted[trusted] = False

@@ -113,10 +113,30 @@ def step_lr(config: UnlearnConfig, step: int, total: int) -> float:
     return config.lr * (1 - step / total) if config.lr_decay else config.lr
 
 
+def hold_out(clean: np.ndarray, share: float, rng: np.random.Generator,
+             groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(held, rest): a random `share` of the clean indices held out to watch clean accuracy (sorted), and the rest.
+    With `groups` (one id per training sample, `ImageSet.groups`) whole groups are held out, at least `share` of
+    D_c, so that no frame of a held-out GTSRB sign is trained on: near-copies on both sides would flatter the
+    held-out accuracy and hide a falling one."""
+    clean = rng.permutation(clean)
+    n_hold = int(round(share * len(clean)))
+    if groups is None:
+        return np.sort(clean[:n_hold]), clean[n_hold:]
+    g = np.asarray(groups)[clean]
+    ids, sizes = np.unique(g, return_counts=True)
+    taken = rng.permutation(len(ids))
+    n_groups = int(np.searchsorted(np.cumsum(sizes[taken]), n_hold)) + 1 if n_hold else 0
+    held = np.isin(g, ids[taken[:n_groups]])
+    return np.sort(clean[held]), clean[~held]
+
+
 def unlearn(model: nn.Module, images: np.ndarray, labels: np.ndarray, s: Split, guide_logits: np.ndarray,
-            config: UnlearnConfig, num_classes: int, extra_eval=None) -> UnlearnResult:
+            config: UnlearnConfig, num_classes: int, extra_eval=None, groups: np.ndarray | None = None
+            ) -> UnlearnResult:
     """Fine-tune a copy of `model` by CGD's objective. `extra_eval(model) -> dict` (optional) is logged each
-    epoch for analysis only; it never influences training or stopping."""
+    epoch for analysis only; it never influences training or stopping. `groups` (optional, one id per sample):
+    the held-out slice takes whole groups (`hold_out`)."""
     if len(s.clean) == 0:
         raise CGDError("the clean subset D_c is empty: nothing to relearn from")
     if not np.isfinite(guide_logits).all():
@@ -126,9 +146,8 @@ def unlearn(model: nn.Module, images: np.ndarray, labels: np.ndarray, s: Split, 
     torch.manual_seed(config.seed)
     labels = np.asarray(labels, dtype=np.int64)
 
-    clean = rng.permutation(s.clean)
-    n_hold = int(round(config.holdout * len(clean)))
-    held, train_clean = np.sort(clean[:n_hold]), clean[n_hold:]
+    held, train_clean = hold_out(s.clean, config.holdout, rng, groups)
+    n_hold = len(held)
     prior = torch.softmax(torch.from_numpy(np.asarray(guide_logits, np.float32)), 1).mean(0).numpy() \
         if config.prior == "guide" else None
     relearn = oversample_clean(train_clean, labels, num_classes, seed=config.seed, prior=prior)

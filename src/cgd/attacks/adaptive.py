@@ -17,9 +17,8 @@ import numpy as np
 
 from .. import CGDError
 from ..data import ImageSet
-from .base import ATTACKS, Attack, PoisonedSet
+from .base import ATTACKS, Attack, Draw, PoisonedSet, to_uint8
 from .classic import SIG
-from .dynamic import pick_extra, to_uint8
 
 ADA_SIG_MODES = ("patch", "opacity", "both")
 FMB_MODES = ("one-to-one", "all-to-one")
@@ -75,17 +74,8 @@ class AdaSIG(SIG):
         out = images.astype(np.float32) + amp[..., None] * self.signal(w)[None, None, :, None]
         return to_uint8(out)
 
-    def poison(self, ds: ImageSet) -> PoisonedSet:
-        if not 0 <= self.target < ds.num_classes:
-            raise CGDError(f"target class {self.target} is outside 0..{ds.num_classes - 1}")
-        rng = np.random.default_rng(self.seed)
-        idx = self.select(ds.labels, rng)
-        images = np.array(ds.images)
-        images[idx] = self.weakened_trigger(images[idx], rng)
-        mask = np.zeros(len(ds), dtype=bool)
-        mask[idx] = True
-        return PoisonedSet(ImageSet(images, np.array(ds.labels), list(ds.class_names)), mask, self.target,
-                           self.name, self.params(), self.apply_trigger)
+    def poisoned_images(self, ds: ImageSet, d: Draw, rng: np.random.Generator) -> np.ndarray:
+        return self.weakened_trigger(ds.images[d.idx], rng)
 
 
 # ----------------------------------------------------------------------------------------------------------- FMB
@@ -259,43 +249,49 @@ class FMB(Attack):
         x = self.mix(test.images[keep], test.images[partners], rng)
         return ImageSet(x, np.full(len(keep), self.target, dtype=np.int64), list(test.class_names))
 
-    def poison(self, ds: ImageSet) -> PoisonedSet:
-        if not 0 <= self.target < ds.num_classes:
-            raise CGDError(f"target class {self.target} is outside 0..{ds.num_classes - 1}")
-        a, b = self.classes(ds.num_classes)
-        rng = np.random.default_rng(self.seed)
-        labels = np.array(ds.labels)
-        n = int(round(self.rate * len(ds)))
+    # ------------------------------------------------------------------------ the hooks of Attack.poison
+    def _partner_pool(self, ds: ImageSet) -> np.ndarray:
+        """Where the second halves come from: class B (one-to-one) or every non-target class (all-to-one)."""
         if self.mode == "one-to-one":
-            pool, partner_pool = np.flatnonzero(labels == a), np.flatnonzero(labels == b)
-            if len(partner_pool) == 0:
-                raise CGDError(f"fmb: the training set has no image of class {b}")
-        else:
-            pool = np.flatnonzero(labels != self.target)
-        if n > len(pool):
-            raise CGDError(f"fmb: asked to poison {n} samples but only {len(pool)} are eligible "
-                           f"({'class ' + str(a) if self.mode == 'one-to-one' else 'non-target'} images)")
-        idx = np.sort(rng.choice(pool, size=n, replace=False))
-        if self.mode == "one-to-one":
-            partners = partner_pool[rng.integers(0, len(partner_pool), size=n)]
-            ref_pool = partner_pool
-        else:
-            partners = _partner_other_class(rng, labels[idx], pool, labels[pool], self.name)
-            ref_pool = pool
-        mask = np.zeros(len(ds), dtype=bool)
-        mask[idx] = True
-        selfmix = pick_extra(rng, mask, int(round(self.self_mix_rate * len(ds))), self.name)
-        selfmix_partners = _partner_same_class(rng, selfmix, labels)
+            return np.flatnonzero(ds.labels == self.classes(ds.num_classes)[1])
+        return np.flatnonzero(ds.labels != self.target)
 
-        originals = ds.images
-        images = np.array(originals)
-        images[idx] = self.mix(originals[idx], originals[partners], rng)
-        images[selfmix] = self.mix(originals[selfmix], originals[selfmix_partners], rng)
-        labels[idx] = self.target
-        cross_mask = np.zeros(len(ds), dtype=bool)
-        cross_mask[selfmix] = True
-        self._references = originals[np.sort(rng.choice(ref_pool, size=min(N_REFERENCES, len(ref_pool)),
-                                                        replace=False))].copy()
-        params = {**self.params(), "class_a": a, "class_b": b}
-        return MixedPoisonedSet(ImageSet(images, labels, list(ds.class_names)), mask, self.target, self.name,
-                                params, self.apply_trigger, cross_mask, mix_test=self.mix_test)
+    def eligible(self, ds: ImageSet) -> np.ndarray:
+        a, b = self.classes(ds.num_classes)
+        if self.mode == "all-to-one":
+            return np.flatnonzero(ds.labels != self.target)
+        if not np.any(ds.labels == b):
+            raise CGDError(f"fmb: the training set has no image of class {b}")
+        return np.flatnonzero(ds.labels == a)
+
+    def eligible_what(self, ds: ImageSet) -> str:
+        return f"class {self.classes(ds.num_classes)[0]}" if self.mode == "one-to-one" else "non-target"
+
+    def cross_count(self, n_total: int, n_poison: int) -> int:
+        return int(round(self.self_mix_rate * n_total))
+
+    def draw(self, ds: ImageSet, rng: np.random.Generator) -> Draw:
+        """The poisoned samples each with a partner of another class, then the self-mixes with one of their own."""
+        idx = self.select(ds, rng)
+        pool = self._partner_pool(ds)
+        if self.mode == "one-to-one":
+            partners = pool[rng.integers(0, len(pool), size=len(idx))]
+        else:
+            partners = _partner_other_class(rng, ds.labels[idx], pool, ds.labels[pool], self.name)
+        cross = self.pick_cross(ds, idx, rng)
+        return Draw(idx, cross, partners, _partner_same_class(rng, cross, ds.labels))
+
+    def poisoned_images(self, ds: ImageSet, d: Draw, rng: np.random.Generator) -> np.ndarray:
+        return self.mix(ds.images[d.idx], ds.images[d.partners], rng)
+
+    def cross_images(self, ds: ImageSet, d: Draw, rng: np.random.Generator) -> np.ndarray:
+        return self.mix(ds.images[d.cross], ds.images[d.cross_partners], rng)
+
+    def finish(self, ds: ImageSet, train: ImageSet, mask: np.ndarray, cross_mask: np.ndarray | None,
+               rng: np.random.Generator) -> PoisonedSet:
+        """Keeps reference training images for the label-blind trigger; the result's test trigger is `mix_test`."""
+        pool = self._partner_pool(ds)
+        self._references = ds.images[np.sort(rng.choice(pool, size=min(N_REFERENCES, len(pool)), replace=False))].copy()
+        a, b = self.classes(ds.num_classes)
+        return MixedPoisonedSet(train, mask, self.target, self.name, {**self.params(), "class_a": a, "class_b": b},
+                                self.apply_trigger, cross_mask, mix_test=self.mix_test)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import ATTACKS, Attack, blend
+from .base import ATTACKS, Attack, blend, to_uint8
 
 
 @ATTACKS.register("badnets")
@@ -55,12 +55,8 @@ class SIG(Attack):
         super().__init__(target, rate, seed)
         self.delta, self.freq = float(delta), float(freq)
 
-    def count(self, n_total: int, n_pool: int) -> int:
-        return int(round(self.rate * n_pool))  # `rate` is the share of the target class
-
     def signal(self, w: int) -> np.ndarray:
         return self.delta * np.sin(2 * np.pi * np.arange(w) * self.freq / w).astype(np.float32)
 
     def apply_trigger(self, images: np.ndarray) -> np.ndarray:
-        out = images.astype(np.float32) + self.signal(images.shape[2])[None, None, :, None]
-        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+        return to_uint8(images.astype(np.float32) + self.signal(images.shape[2])[None, None, :, None])

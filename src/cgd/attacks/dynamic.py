@@ -15,22 +15,9 @@ import torch.nn.functional as F
 
 from .. import CGDError
 from ..data import ImageSet
-from .base import ATTACKS, Attack, PoisonedSet
+from .base import ATTACKS, Attack, Draw, to_uint8
 
 CHUNK = 2048  # images warped per torch call: bounds the float memory of large batches
-
-
-def to_uint8(x: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
-
-
-def pick_extra(rng: np.random.Generator, taken: np.ndarray, count: int, who: str) -> np.ndarray:
-    """`count` sorted indices drawn without replacement from the samples not yet `taken` (any class)."""
-    pool = np.flatnonzero(~taken)
-    if count > len(pool):
-        raise CGDError(f"{who}: needs {count} extra (noise) samples but only {len(pool)} unpoisoned samples remain; "
-                       "lower the poison rate or the noise ratio")
-    return np.sort(rng.choice(pool, size=count, replace=False))
 
 
 def _check_fraction(value: float, what: str, lo_open: bool = False) -> float:
@@ -96,25 +83,12 @@ class WaNet(Attack):
     def apply_trigger(self, images: np.ndarray) -> np.ndarray:
         return self.warp(images)
 
-    def poison(self, ds: ImageSet) -> PoisonedSet:
-        if not 0 <= self.target < ds.num_classes:
-            raise CGDError(f"target class {self.target} is outside 0..{ds.num_classes - 1}")
-        rng = np.random.default_rng(self.seed)
-        idx = self.select(ds.labels, rng)
-        mask = np.zeros(len(ds), dtype=bool)
-        mask[idx] = True
-        cross = pick_extra(rng, mask, int(round(self.cross_ratio * len(idx))), self.name)
-        h, w = ds.images.shape[1:3]
-        jitter = rng.uniform(-1, 1, size=(len(cross), h, w, 2)).astype(np.float32)
+    def cross_count(self, n_total: int, n_poison: int) -> int:
+        return int(round(self.cross_ratio * n_poison))
 
-        images, labels = np.array(ds.images), np.array(ds.labels)
-        images[idx] = self.warp(images[idx])
-        labels[idx] = self.target
-        images[cross] = self.warp(images[cross], jitter)
-        cross_mask = np.zeros(len(ds), dtype=bool)
-        cross_mask[cross] = True
-        return PoisonedSet(ImageSet(images, labels, list(ds.class_names)), mask, self.target, self.name,
-                           self.params(), self.apply_trigger, cross_mask)
+    def cross_images(self, ds: ImageSet, d: Draw, rng: np.random.Generator) -> np.ndarray:
+        jitter = rng.uniform(-1, 1, size=(len(d.cross), *ds.images.shape[1:3], 2)).astype(np.float32)
+        return self.warp(ds.images[d.cross], jitter)
 
 
 def squeeze_colors(images: np.ndarray, levels: int, dithering: bool = True) -> np.ndarray:
@@ -170,22 +144,11 @@ class BPP(Attack):
     def apply_trigger(self, images: np.ndarray) -> np.ndarray:
         return squeeze_colors(images, self.squeeze_num, self.dithering)
 
-    def poison(self, ds: ImageSet) -> PoisonedSet:
-        if not 0 <= self.target < ds.num_classes:
-            raise CGDError(f"target class {self.target} is outside 0..{ds.num_classes - 1}")
-        rng = np.random.default_rng(self.seed)
-        idx = self.select(ds.labels, rng)
-        mask = np.zeros(len(ds), dtype=bool)
-        mask[idx] = True
-        neg = pick_extra(rng, mask, int(round(self.neg_ratio * len(idx))), self.name)
-        donors = rng.integers(0, len(ds), size=len(neg))
+    def cross_count(self, n_total: int, n_poison: int) -> int:
+        return int(round(self.neg_ratio * n_poison))
 
-        images, labels = np.array(ds.images), np.array(ds.labels)
-        residual = self.apply_trigger(images[donors]).astype(np.int16) - images[donors].astype(np.int16)
-        images[neg] = np.clip(images[neg].astype(np.int16) + residual, 0, 255).astype(np.uint8)
-        images[idx] = self.apply_trigger(images[idx])
-        labels[idx] = self.target
-        cross_mask = np.zeros(len(ds), dtype=bool)
-        cross_mask[neg] = True
-        return PoisonedSet(ImageSet(images, labels, list(ds.class_names)), mask, self.target, self.name,
-                           self.params(), self.apply_trigger, cross_mask)
+    def cross_images(self, ds: ImageSet, d: Draw, rng: np.random.Generator) -> np.ndarray:
+        """Negative samples: each image plus the squeezing residual of a random donor image."""
+        donors = ds.images[rng.integers(0, len(ds), size=len(d.cross))]
+        residual = self.apply_trigger(donors).astype(np.int16) - donors.astype(np.int16)
+        return np.clip(ds.images[d.cross].astype(np.int16) + residual, 0, 255).astype(np.uint8)

@@ -13,8 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from .. import CGDError
-from .base import ATTACKS, Attack
-from .dynamic import to_uint8
+from .base import ATTACKS, Attack, to_uint8
 
 # RGB -> YUV (BT.601 analogue YUV, the convention the CTRL authors use); rows give Y, U, V.
 RGB_TO_YUV = np.array([[0.299, 0.587, 0.114],
@@ -91,9 +90,6 @@ class CTRL(Attack):
         if any(c not in (0, 1, 2) for c in self.channels):
             raise CGDError(f"ctrl: channels are YUV indices 0, 1, 2; got {list(self.channels)}")
         self._patterns: dict[tuple[int, int], np.ndarray] = {}
-
-    def count(self, n_total: int, n_pool: int) -> int:
-        return int(round(self.rate * n_pool))  # `rate` is the share of the target class, as for SIG
 
     def pattern(self, h: int, w: int) -> np.ndarray:
         if (h, w) not in self._patterns:

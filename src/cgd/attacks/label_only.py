@@ -24,11 +24,12 @@ from torch import nn
 from .. import CGDError
 from ..data import ImageSet
 from ..train import TrainConfig, train
-from .base import ATTACKS, Attack, PoisonedSet
+from .base import ATTACKS, Attack
 from .classic import BadNets
-from .learned import _check_target, _classifier
-from .resources import (Resource, Timer, batches, fingerprint, get_or_create, load_module, map_batches,
-                        module_arrays, normalize, pad_to_multiple, random_flip, seeded, to_unit, training_subset)
+from .learned import _classifier
+from .resources import (Resource, Timer, batches, fingerprint, get_or_create, get_or_create_on, load_module,
+                        map_batches, module_arrays, normalize, pad_to_multiple, random_flip, seeded, to_unit,
+                        training_subset)
 
 log = logging.getLogger("cgd.attacks")
 
@@ -36,26 +37,17 @@ log = logging.getLogger("cgd.attacks")
 class _LabelOnly(Attack):
     """Shared poisoning step: flip the `rate`·N highest-scoring non-target labels to the target; images untouched."""
 
+    clean_image = True
+    learned = True
+
     def scores(self, ds: ImageSet) -> np.ndarray:
+        """One score per training sample (after `prepare(ds)`): the highest non-target ones are relabelled."""
         raise NotImplementedError
 
-    def poison(self, ds: ImageSet) -> PoisonedSet:
-        _check_target(self, ds)
+    def choose(self, ds: ImageSet, pool: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
         s = np.asarray(self.scores(ds), dtype=np.float64)
-        pool = np.flatnonzero(ds.labels != self.target)
-        n = self.count(len(ds), len(pool))
-        if n > len(pool):
-            raise CGDError(f"{self.name}: asked to poison {n} samples but only {len(pool)} are eligible")
-        # highest score first; ties broken by a seeded random key so the choice is deterministic
-        tie = np.random.default_rng(self.seed).random(len(pool))
-        order = np.lexsort((tie, -s[pool]))
-        idx = np.sort(pool[order[:n]])
-        labels = np.array(ds.labels)
-        labels[idx] = self.target
-        mask = np.zeros(len(ds), dtype=bool)
-        mask[idx] = True
-        return PoisonedSet(ImageSet(ds.images, labels, list(ds.class_names)), mask, self.target, self.name,
-                           self.params(), self.apply_trigger)
+        tie = rng.random(len(pool))  # highest score first; ties broken by a seeded random key, deterministically
+        return np.sort(pool[np.lexsort((tie, -s[pool]))[:n]])
 
 
 # ============================================================================================= FLIP
@@ -84,7 +76,6 @@ class FLIP(_LabelOnly):
             raise CGDError(f"flip: iterations must be in 1..expert_epochs ({self.expert_epochs}); got {iterations}")
         self._badnets = BadNets(target, 0.5, seed, size=self.size, margin=self.margin, value=self.value)
         self._logits: np.ndarray | None = None
-        self._fp: str | None = None
 
     def apply_trigger(self, images: np.ndarray) -> np.ndarray:
         return self._badnets.apply_trigger(images)
@@ -143,21 +134,19 @@ class FLIP(_LabelOnly):
         return states, r
 
     def prepare(self, ds: ImageSet) -> list[Resource]:
-        _check_target(self, ds)
+        self.check_target(ds)
         fp = fingerprint(ds)
-        touched: list[Resource] = []
 
-        def build():
-            states, r_exp = self.expert_trajectory(ds, fp)
-            touched.append(r_exp)
+        def build(states, r_exp):
             t = Timer()
             logits, losses = self._match(ds, states)
             return {"logits": logits}, {"matching_seconds": t(), "loss_first": losses[:5], "loss_last": losses[-5:],
                                         "expert": r_exp.meta["info"]}
 
-        r = get_or_create("flip", self._label_params(), self.seed, ds, build, fp)
+        r, touched = get_or_create_on(lambda: self.expert_trajectory(ds, fp), "flip", self._label_params(), self.seed,
+                                      ds, build, fp)
         self._logits, self._fp = r.arrays["logits"], fp
-        return [*touched, r]
+        return touched
 
     def _match(self, ds: ImageSet, states: list[dict[str, torch.Tensor]]) -> tuple[np.ndarray, list[float]]:
         """Optimise soft labels (logits, N×C) by one-step trajectory matching against the expert checkpoints."""
@@ -193,8 +182,6 @@ class FLIP(_LabelOnly):
         return syn.detach().numpy().astype(np.float32), losses
 
     def scores(self, ds: ImageSet) -> np.ndarray:
-        if self._logits is None or self._fp != fingerprint(ds):
-            self.prepare(ds)
         lg = self._logits
         return lg[:, self.target] - lg[np.arange(len(lg)), ds.labels]
 
@@ -308,7 +295,6 @@ class GCB(_LabelOnly):
         self.train_subset = None if train_subset is None else int(train_subset)
         self._G: TriggerUNet | None = None
         self._scores: np.ndarray | None = None
-        self._fp: str | None = None
 
     def _resource_params(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ["epochs", "batch_size", "lr", "lambda_info", "width", "train_subset"]}
@@ -369,8 +355,6 @@ class GCB(_LabelOnly):
         return {**module_arrays("G", G), **module_arrays("Q", Q), "scores": torch.cat(scores).numpy()}, info
 
     def scores(self, ds: ImageSet) -> np.ndarray:
-        if self._scores is None or self._fp != fingerprint(ds):
-            self.prepare(ds)
         return self._scores
 
     def apply_trigger(self, images: np.ndarray) -> np.ndarray:

@@ -18,16 +18,12 @@ from torch import nn
 from .. import CGDError
 from ..data import ImageSet
 from ..train import TrainConfig, train
-from .base import ATTACKS, Attack, PoisonedSet
-from .resources import (Resource, Timer, batches, fingerprint, from_unit, get_or_create, load_module, map_batches,
-                        module_arrays, normalize, pad_to_multiple, random_flip, seeded, to_unit, training_subset)
+from .base import ATTACKS, Attack, Draw, to_uint8
+from .resources import (Resource, Timer, batches, fingerprint, from_unit, get_or_create, get_or_create_on,
+                        load_module, map_batches, module_arrays, normalize, pad_to_multiple, random_flip, seeded,
+                        to_unit, training_subset)
 
 log = logging.getLogger("cgd.attacks")
-
-
-def _check_target(attack: Attack, ds: ImageSet) -> None:
-    if not 0 <= attack.target < ds.num_classes:
-        raise CGDError(f"target class {attack.target} is outside 0..{ds.num_classes - 1}")
 
 
 def _classifier(name: str, kwargs: dict | None, num_classes: int) -> nn.Module:
@@ -79,6 +75,7 @@ class LabelConsistent(Attack):
 
     name = "lc"
     clean_label = True
+    learned = True
 
     def __init__(self, target: int = 0, rate: float = 0.5, seed: int = 0, eps: float = 8.0, steps: int = 7,
                  step_size: float = 2.0, size: int = 3, corners: str = "all", amplitude: float = 1.0,
@@ -94,15 +91,10 @@ class LabelConsistent(Attack):
         if not 0 < self.amplitude <= 1:
             raise CGDError(f"lc: amplitude must be in (0, 1]; got {amplitude}")
         self._adv: dict[str, np.ndarray] | None = None
-        self._fp: str | None = None
-
-    def count(self, n_total: int, n_pool: int) -> int:
-        return int(round(self.rate * n_pool))
 
     def apply_trigger(self, images: np.ndarray) -> np.ndarray:
         pat = corner_pattern(images.shape[1], images.shape[2], self.size, self.corners)
-        out = images.astype(np.float32) + (255.0 * self.amplitude) * pat[None, :, :, None]
-        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+        return to_uint8(images.astype(np.float32) + (255.0 * self.amplitude) * pat[None, :, :, None])
 
     # ------------------------------------------------------------------------------ resources
     def _surrogate_params(self) -> dict[str, Any]:
@@ -130,52 +122,40 @@ class LabelConsistent(Attack):
 
     def prepare(self, ds: ImageSet) -> list[Resource]:
         """Adversarial versions (uint8) of every target-class training image, generated once and cached."""
-        _check_target(self, ds)
+        self.check_target(ds)
         fp = fingerprint(ds)
-        touched: list[Resource] = []
-
-        def build():
-            model, r_sur = self.surrogate_model(ds, fp)
-            touched.append(r_sur)
-            t = Timer()
-            idx = np.flatnonzero(ds.labels == self.target)
-            gen = torch.Generator().manual_seed(self.seed)
-            eps, step = self.eps / 255.0, self.step_size / 255.0
-            out, fooled = [], 0
-            for i in range(0, len(idx), self.pgd_batch_size):
-                b = idx[i:i + self.pgd_batch_size]
-                x = to_unit(ds.images[b])
-                y = torch.tensor(ds.labels[b])
-                adv = pgd_linf(model, x, y, eps, step, self.steps, gen)
-                adv_u8 = from_unit(adv).astype(np.int16)
-                lo = ds.images[b].astype(np.int16) - int(np.floor(self.eps))  # keep |δ| ≤ ε after rounding
-                hi = ds.images[b].astype(np.int16) + int(np.floor(self.eps))
-                adv_u8 = np.clip(adv_u8, lo, hi).clip(0, 255).astype(np.uint8)
-                with torch.no_grad():
-                    fooled += int((model(normalize(to_unit(adv_u8))).argmax(1) != y).sum())
-                out.append(adv_u8)
-            images = np.concatenate(out) if out else np.zeros((0, *ds.images.shape[1:]), np.uint8)
-            info = {"pgd_seconds": t(), "fooled_fraction": fooled / max(1, len(idx)),
-                    "surrogate_train_accuracy": r_sur.meta["info"]["train_accuracy"]}
-            return {"indices": idx.astype(np.int64), "images": images}, info
-
-        r = get_or_create("lc", self._adv_params(), self.seed, ds, build, fp)
+        r, touched = get_or_create_on(lambda: self.surrogate_model(ds, fp), "lc", self._adv_params(), self.seed, ds,
+                                      lambda model, r_sur: self._adversarial(ds, model, r_sur), fp)
         self._adv, self._fp = r.arrays, fp
-        return [*touched, r]
+        return touched
 
-    def poison(self, ds: ImageSet) -> PoisonedSet:
-        _check_target(self, ds)
-        if self._adv is None or self._fp != fingerprint(ds):
-            self.prepare(ds)
-        rng = np.random.default_rng(self.seed)
-        idx = self.select(ds.labels, rng)
-        pos = np.searchsorted(self._adv["indices"], idx)
-        images = np.array(ds.images)
-        images[idx] = self.apply_trigger(self._adv["images"][pos])
-        mask = np.zeros(len(ds), dtype=bool)
-        mask[idx] = True
-        return PoisonedSet(ImageSet(images, np.array(ds.labels), list(ds.class_names)), mask, self.target,
-                           self.name, self.params(), self.apply_trigger)
+    def _adversarial(self, ds: ImageSet, model: nn.Module, r_sur: Resource):
+        """Builds the `lc` resource: L∞ PGD on every target-class image against the surrogate."""
+        t = Timer()
+        idx = np.flatnonzero(ds.labels == self.target)
+        gen = torch.Generator().manual_seed(self.seed)
+        eps, step = self.eps / 255.0, self.step_size / 255.0
+        out, fooled = [], 0
+        for i in range(0, len(idx), self.pgd_batch_size):
+            b = idx[i:i + self.pgd_batch_size]
+            x = to_unit(ds.images[b])
+            y = torch.tensor(ds.labels[b])
+            adv = pgd_linf(model, x, y, eps, step, self.steps, gen)
+            adv_u8 = from_unit(adv).astype(np.int16)
+            lo = ds.images[b].astype(np.int16) - int(np.floor(self.eps))  # keep |δ| ≤ ε after rounding
+            hi = ds.images[b].astype(np.int16) + int(np.floor(self.eps))
+            adv_u8 = np.clip(adv_u8, lo, hi).clip(0, 255).astype(np.uint8)
+            with torch.no_grad():
+                fooled += int((model(normalize(to_unit(adv_u8))).argmax(1) != y).sum())
+            out.append(adv_u8)
+        images = np.concatenate(out) if out else np.zeros((0, *ds.images.shape[1:]), np.uint8)
+        info = {"pgd_seconds": t(), "fooled_fraction": fooled / max(1, len(idx)),
+                "surrogate_train_accuracy": r_sur.meta["info"]["train_accuracy"]}
+        return {"indices": idx.astype(np.int64), "images": images}, info
+
+    def poisoned_images(self, ds: ImageSet, d: Draw, rng: np.random.Generator) -> np.ndarray:
+        """The trigger on the adversarial versions of the chosen images."""
+        return self.apply_trigger(self._adv["images"][np.searchsorted(self._adv["indices"], d.idx)])
 
 
 @torch.no_grad()
@@ -238,6 +218,7 @@ class InputAware(Attack):
     samples and `cross_ratio`·that many cross samples (`cross_mask`); the test trigger is x + (G(x) − x)·M(x)."""
 
     name = "iab"
+    learned = True
 
     def __init__(self, target: int = 0, rate: float = 0.05, seed: int = 0, cross_ratio: float = 1.0,
                  train_rate: float = 0.1, mask_density: float = 0.032, lambda_div: float = 1.0,
@@ -258,7 +239,6 @@ class InputAware(Attack):
             raise CGDError(f"iab: cross_ratio must be ≥ 0; got {cross_ratio}")
         self._G: nn.Module | None = None
         self._M: nn.Module | None = None
-        self._fp: str | None = None
 
     def _resource_params(self) -> dict[str, Any]:
         keys = ["target", "train_rate", "cross_ratio", "mask_density", "lambda_div", "lambda_norm", "lr_g", "lr_m",
@@ -270,7 +250,7 @@ class InputAware(Attack):
         return EncoderDecoder(3, self.width, self.depth), EncoderDecoder(1, self.width, self.depth)
 
     def prepare(self, ds: ImageSet) -> list[Resource]:
-        _check_target(self, ds)
+        self.check_target(ds)
         fp = fingerprint(ds)
         r = get_or_create("iab", self._resource_params(), self.seed, ds, lambda: self._train(ds), fp)
         G, M = self._nets()
@@ -372,26 +352,12 @@ class InputAware(Attack):
                 out.append(from_unit(x + (G(p) - x) * _threshold(M(p))))
         return np.concatenate(out) if out else np.array(images)
 
-    def poison(self, ds: ImageSet) -> PoisonedSet:
-        _check_target(self, ds)
-        if self._G is None or self._fp != fingerprint(ds):
-            self.prepare(ds)
-        rng = np.random.default_rng(self.seed)
-        idx = self.select(ds.labels, rng)
-        rest = np.setdiff1d(np.arange(len(ds)), idx)
-        n_cross = min(int(round(self.cross_ratio * len(idx))), len(rest))
-        cross = np.sort(rng.choice(rest, size=n_cross, replace=False))
-        partners = (cross + rng.integers(1, len(ds), size=n_cross)) % len(ds)  # never the image itself
-        images, labels = np.array(ds.images), np.array(ds.labels)
-        images[idx] = self.apply_trigger(ds.images[idx])
-        images[cross] = self.cross_trigger(ds.images[cross], ds.images[partners])
-        labels[idx] = self.target
-        mask = np.zeros(len(ds), dtype=bool)
-        mask[idx] = True
-        cmask = np.zeros(len(ds), dtype=bool)
-        cmask[cross] = True
-        return PoisonedSet(ImageSet(images, labels, list(ds.class_names)), mask, self.target, self.name,
-                           self.params(), self.apply_trigger, cross_mask=cmask)
+    def cross_count(self, n_total: int, n_poison: int) -> int:
+        return min(int(round(self.cross_ratio * n_poison)), n_total - n_poison)
+
+    def cross_images(self, ds: ImageSet, d: Draw, rng: np.random.Generator) -> np.ndarray:
+        partners = (d.cross + rng.integers(1, len(ds), size=len(d.cross))) % len(ds)  # never the image itself
+        return self.cross_trigger(ds.images[d.cross], ds.images[partners])
 
 
 def _per_batch(rate: float, k: int, gen: torch.Generator) -> int:
@@ -472,6 +438,7 @@ class SSBA(Attack):
     when it falls below, up to `l2_max`: the residual becomes as small as decoding allows."""
 
     name = "ssba"
+    learned = True
 
     def __init__(self, target: int = 0, rate: float = 0.05, seed: int = 0, bits: int = 32, secret_seed: int = 1234,
                  epochs: int = 8, batch_size: int = 64, lr: float = 1e-3, bit_accuracy: float = 0.97,
@@ -482,7 +449,6 @@ class SSBA(Attack):
         self.bit_accuracy, self.l2_max, self.width = float(bit_accuracy), float(l2_max), int(width)
         self.train_subset = None if train_subset is None else int(train_subset)
         self._E: StegaEncoder | None = None
-        self._fp: str | None = None
 
     def secret(self) -> np.ndarray:
         return np.random.default_rng(self.secret_seed).integers(0, 2, size=self.bits).astype(np.float32)
@@ -548,9 +514,3 @@ class SSBA(Attack):
                            "before apply_trigger")
         E, secret = self._E, torch.from_numpy(self.secret())
         return map_batches(lambda x: E(x, secret.expand(len(x), -1)), images)
-
-    def poison(self, ds: ImageSet) -> PoisonedSet:
-        _check_target(self, ds)
-        if self._E is None or self._fp != fingerprint(ds):
-            self.prepare(ds)
-        return super().poison(ds)

@@ -22,6 +22,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,23 @@ def get_or_create(kind: str, params: dict[str, Any], seed: int, ds: ImageSet,
                 return Resource(d, arrays, read_json(d / "resource.json"), True)
     log.info("attack resource %s: reusing %s", kind, d)
     return Resource(d, load_arrays(d / "resource.safetensors"), read_json(d / "resource.json"), False)
+
+
+def get_or_create_on(first: Callable[[], tuple[Any, Resource]], kind: str, params: dict[str, Any], seed: int,
+                     ds: ImageSet, build: Callable[[Any, Resource], tuple[dict[str, np.ndarray], dict[str, Any]]],
+                     data_fingerprint: str | None = None) -> tuple[Resource, list[Resource]]:
+    """`get_or_create` for a resource built on another one: `first()` gives (that one's value, its `Resource`) and
+    runs only when this resource must be built, then `build(value, resource)`. Returns this resource and every
+    resource touched (the first one only when it was needed)."""
+    touched: list[Resource] = []
+
+    def run():
+        value, r_first = first()
+        touched.append(r_first)
+        return build(value, r_first)
+
+    r = get_or_create(kind, params, seed, ds, run, data_fingerprint)
+    return r, [*touched, r]
 
 
 # ------------------------------------------------------------------------------ module <-> arrays
@@ -189,17 +207,7 @@ class Timer:
 
 # ------------------------------------------------------------------------------------------ CLI
 
-def _parse_value(v: str):
-    try:
-        return json.loads(v)
-    except json.JSONDecodeError:
-        return v
-
-
 def main(argv: list[str] | None = None) -> int:
-    from . import get
-    from ..data import load_dataset
-
     p = argparse.ArgumentParser(prog="python -m cgd.attacks",
                                 description="Generate (or check) the cached resources of an attack.")
     p.add_argument("--attack", required=True)
@@ -208,23 +216,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="an attack parameter (JSON value), repeatable")
+                   help="an attack parameter, repeatable; VALUE as for cgd's --set (a TOML value or a bare word)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        return _generate(args)
+    except CGDError as e:
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _generate(args) -> int:
+    from . import get
+    from ..config import parse_assignments
+    from ..data import load_dataset
+
     params: dict[str, Any] = {"target": args.target, "seed": args.seed}
+    params.update(parse_assignments(args.param, "--param"))
     if args.rate is not None:
         params["rate"] = args.rate
-    for kv in args.param:
-        if "=" not in kv:
-            raise CGDError(f"--param needs KEY=VALUE; got {kv!r}")
-        k, v = kv.split("=", 1)
-        params[k] = _parse_value(v)
     attack = get(args.attack, **params)
-    if not hasattr(attack, "prepare"):
+    if not attack.learned:
         print(f"{args.attack}: needs no generated resources")
         return 0
     ds = load_dataset(args.data)
     for r in attack.prepare(ds.train):
         print(f"{r.path}  generated={r.generated}  seconds={r.meta['generation_seconds']}")
     return 0
-

@@ -54,7 +54,7 @@ class CGD(Defense):
         timings: dict[str, float] = {}
         s, how = self.split_data(train, victim, context, timings)
         res = unlearn(victim.model, train.images, train.labels, s, s.guide_logits, self.unlearn, train.num_classes,
-                      extra_eval=context.extra_eval)
+                      extra_eval=context.extra_eval, groups=train.groups)
         timings["unlearn_s"] = res.seconds
         return DefenseResult(res.model, s, timings, {"model_score": how, "unlearn_history": res.history,
                                                      "stopped_early": res.stopped_early,
@@ -74,7 +74,7 @@ class CGD(Defense):
             losses = model_losses(victim, images, labels, scfg)
         with timed(timings, "refine_split_s"):
             has_features = hasattr(victim.model, "features")
-            s = split_by(scfg, labels, g, losses, seed=context.seed,
+            s = split_by(scfg, labels, g, losses, seed=context.seed, groups=train.groups,
                          guide_features=guide_features(self.guide, images, work) if scfg.refine_rounds else None,
                          model_features=model_features(victim.model, images, work)
                          if scfg.purify and has_features else None)
@@ -207,8 +207,8 @@ class AdaptedWithFeatures(Adapted):
 def defend(model: nn.Module, images, labels, class_names, *, guide="imagenet-text", loss_history=None,
            snapshot: dict | None = None, preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
            features: str | Callable | None = None, split: SplitConfig | None = None,
-           unlearn: UnlearnConfig | None = None, seed: int = 0, log: Callable[[str], None] | None = None
-           ) -> DefenseResult:
+           unlearn: UnlearnConfig | None = None, groups=None, seed: int = 0,
+           log: Callable[[str], None] | None = None) -> DefenseResult:
     """Defend a classifier of your own with CGD, in memory: the recipe `cgd defend` runs, on your model.
 
     Parameters
@@ -237,6 +237,9 @@ def defend(model: nn.Module, images, labels, class_names, *, guide="imagenet-tex
         taken, e.g. "fc") or `features(model, x) -> (B, D)`. Without it the neighbour purification is skipped.
     split, unlearn : SplitConfig, UnlearnConfig, optional
         The split and unlearning settings; default: the cpu recipe of `cgd defend`.
+    groups : np.ndarray, optional
+        (N,) integer ids: samples sharing one are views of one physical object (GTSRB's tracks); the held-out
+        slice that watches clean accuracy during unlearning then takes whole groups.
     seed : int, default 0
         Seed of the split's random steps.
     log : callable, optional
@@ -248,7 +251,8 @@ def defend(model: nn.Module, images, labels, class_names, *, guide="imagenet-tex
         `.model` (the defended copy of `model`), `.split` (the clean / poisoned / mixed indices and scores),
         `.timings` and `.info` (the model score used, the unlearning history, skipped steps).
     """
-    train = ImageSet(np.asarray(images).view(), np.asarray(labels, dtype=np.int64).copy(), list(class_names))
+    train = ImageSet(np.asarray(images).view(), np.asarray(labels, dtype=np.int64).copy(), list(class_names),
+                     None if groups is None else np.asarray(groups).copy())
     adapted = Adapted(model, preprocess) if features is None else AdaptedWithFeatures(model, preprocess, features)
     out = predict_logits(adapted, train.images[:2])
     if out.shape != (min(2, len(train)), train.num_classes):
