@@ -36,6 +36,28 @@ def tiny() -> Dataset:
     return Dataset(synthetic(800, 0), synthetic(200, 1), name="tiny")
 
 
+TINY_NET = {"widths": [8, 16, 16], "stem": 8}  # the smallest fastnet, for tests that train a victim
+
+
+@pytest.fixture(scope="module")
+def poisoned(tiny):
+    """The tiny set with 10 % BadNets poison (target 0)."""
+    from cgd import attacks
+
+    return attacks.get("badnets", target=0, rate=0.1, seed=0).poison(tiny.train)
+
+
+@pytest.fixture(scope="module")
+def victim(poisoned, tmp_path_factory):
+    """A tiny fastnet trained on `poisoned` (4 epochs, snapshot after 2)."""
+    from cgd.pipeline import train_victim
+    from cgd.train import TrainConfig
+
+    cfg = TrainConfig(epochs=4, batch_size=64, lr=0.2, snapshot_epoch=2, augment="none")
+    return train_victim(poisoned.train.images, poisoned.train.labels, 4, cfg, tmp_path_factory.mktemp("victim"),
+                        "fastnet", TINY_NET)
+
+
 class LabelGuide:
     """Stands in for the real guide where a test is about the pipeline, not the guide: it knows the clean labels
     of the training images (in order) and is right about `accuracy` of them."""

@@ -7,28 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from cgd import attacks, cli, defenses
+from cgd import cli, defenses
 from cgd.data import save_npz
 from cgd.defenses import pruning
 from cgd.models import load_model, save_model
-from cgd.pipeline import SPLIT_OUTPUTS, defend, train_victim
+from cgd.pipeline import SPLIT_OUTPUTS, defend
 from cgd.tensors import predict_logits
-from cgd.train import TrainConfig
 
 from conftest import LabelGuide
 from test_pipeline import tiny_cfg
-
-
-@pytest.fixture(scope="module")
-def poisoned(tiny):
-    return attacks.get("badnets", target=0, rate=0.1, seed=0).poison(tiny.train)
-
-
-@pytest.fixture(scope="module")
-def victim(poisoned, tmp_path_factory):
-    cfg = TrainConfig(epochs=4, batch_size=64, lr=0.2, snapshot_epoch=2, augment="none")
-    return train_victim(poisoned.train.images, poisoned.train.labels, 4, cfg, tmp_path_factory.mktemp("victim"),
-                        "fastnet", {"widths": [8, 16, 16], "stem": 8})
 
 
 def triggered(poisoned, tiny, n=64):

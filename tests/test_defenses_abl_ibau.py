@@ -10,15 +10,14 @@ import torch
 from cgd import attacks, defenses, models
 from cgd.data import ImageSet
 from cgd.defenses import abl, ibau
-from cgd.pipeline import SPLIT_OUTPUTS, defend, train_victim
+from cgd.pipeline import SPLIT_OUTPUTS, defend
 from cgd.split import detection_metrics
 from cgd.tensors import accuracy, to_input
-from cgd.train import TrainConfig, TrainResult
+from cgd.train import TrainResult
 
-from conftest import LabelGuide
+from conftest import TINY_NET, LabelGuide
 from test_pipeline import tiny_cfg
 
-TINY_NET = {"widths": [8, 16, 16], "stem": 8}
 
 
 def faint(n: int, seed: int, size: int = 16) -> ImageSet:
@@ -175,18 +174,6 @@ def test_fixed_point_hypergradient_matches_the_exact_total_derivative():
     # a few iterations already approximate it (the Neumann series of ∂Φ/∂δ = 0.4 I converges fast)
     few = ibau.fixed_point_hypergradient(star, [a, w], fp_map, outer, k=5)
     assert torch.linalg.vector_norm(few[0] - exact[0]) < 0.1 * torch.linalg.vector_norm(exact[0])
-
-
-@pytest.fixture(scope="module")
-def poisoned(tiny):
-    return attacks.get("badnets", target=0, rate=0.1, seed=0).poison(tiny.train)
-
-
-@pytest.fixture(scope="module")
-def victim(poisoned, tmp_path_factory):
-    cfg = TrainConfig(epochs=4, batch_size=64, lr=0.2, snapshot_epoch=2, augment="none")
-    return train_victim(poisoned.train.images, poisoned.train.labels, 4, cfg, tmp_path_factory.mktemp("victim"),
-                        "fastnet", TINY_NET)
 
 
 IBAU_TINY = dict(batch_size=64, lr=1e-3, portion=0.25)  # 0.01 of a 64-batch would perturb no image

@@ -19,11 +19,6 @@ def tiny_cfg(**over):
     return apply_overrides(cfg, [f"{k}={v}" for k, v in over.items()])
 
 
-@pytest.fixture(scope="module")
-def poisoned(tiny):
-    return attacks.get("badnets", target=0, rate=0.1, seed=0).poison(tiny.train)
-
-
 def test_defend_writes_the_run_directory_and_resumes(tiny, poisoned, tmp_path):
     guide = LabelGuide(tiny.train.labels)
     run = tmp_path / "run"

@@ -11,6 +11,7 @@ from typing import Callable
 import numpy as np
 from torch import nn
 
+from .. import CGDError
 from ..data import ImageSet
 from ..registry import Registry
 from ..split import Split
@@ -62,6 +63,23 @@ class Defense:
 
     def run(self, train: ImageSet, victim: TrainResult, context: Context) -> DefenseResult:
         raise NotImplementedError
+
+
+class CleanDataDefense(Defense):
+    """Base of the clean-data defenses (FP, I-BAU): `clean_data` gives the trusted clean training indices —
+    `Context.clean_indices` here (the benchmark's 5 % oracle), CGD's split-clean D_c in the "-sc" variants
+    (`cgd.defenses.guided.SplitClean`)."""
+
+    clean_source = "given"
+    min_clean = 1  # fewer trusted samples than this is an error
+
+    def clean_data(self, train: ImageSet, victim: TrainResult, context: Context, timings: dict):
+        """(trusted clean indices, the split that made them or None)."""
+        if context.clean_indices is None:
+            raise CGDError(f"{self.name} is a clean-data defense: it needs trusted clean training indices "
+                           "(Context.clean_indices; the benchmark passes a 5 % oracle); or run "
+                           f"{self.name}-sc, which takes CGD's split-clean D_c")
+        return np.asarray(context.clean_indices, dtype=np.int64), None
 
 
 @contextmanager

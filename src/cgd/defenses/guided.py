@@ -95,6 +95,29 @@ class CGD(Defense):
         return scfg
 
 
+class SplitClean:
+    """Makes a clean-data defense its "-sc" variant (CGD paper §4.3): its clean data is CGD's split-clean D_c,
+    made by CGD's scoring stages alone (guide, model score, split; no unlearning); the split's D_p is reported
+    as the samples flagged. Listed first among the bases: `class FPSC(SplitClean, FP)`."""
+
+    clean_source = "split-clean"
+
+    def __init__(self, cgd: CGD | None = None, **params):
+        super().__init__(**params)
+        self.cgd = cgd
+
+    @classmethod
+    def from_config(cls, cfg: dict, guide=None, **objects):
+        return cls(CGD.from_config(cfg, guide=guide), **cfg["defense"]["params"])
+
+    def clean_data(self, train: ImageSet, victim: TrainResult, context: Context, timings: dict):
+        s, _ = (self.cgd or CGD()).split_data(train, victim, context, timings)
+        if len(s.clean) < self.min_clean:
+            raise CGDError(f"{self.name}: CGD's split left {len(s.clean)} samples in D_c, fewer than the "
+                           f"{self.min_clean} it needs")
+        return np.asarray(s.clean, dtype=np.int64), s
+
+
 # ------------------------------------------------------------------------------------------------ scores
 
 def model_losses(victim: TrainResult, images: np.ndarray, labels: np.ndarray, scfg: SplitConfig) -> np.ndarray:

@@ -23,7 +23,8 @@ from .. import CGDError
 from ..data import ImageSet
 from ..tensors import augment, to_input
 from ..train import TrainResult
-from .base import DEFENSES, Context, Defense, DefenseResult, timed
+from .base import DEFENSES, CleanDataDefense, Context, DefenseResult, timed
+from .guided import SplitClean
 
 Tensors = list[torch.Tensor]
 
@@ -133,7 +134,7 @@ def clean_batches(train: ImageSet, indices: np.ndarray, batch_size: int, aug: st
 # ------------------------------------------------------------------------------------------------ the defense
 
 @DEFENSES.register("i-bau")
-class IBAU(Defense):
+class IBAU(CleanDataDefense):
     """I-BAU (Zeng et al., ICLR 2022; BackdoorBench defense/i-bau.py, config/defense/i-bau/cifar10.yaml) on
     trusted clean data (`Context.clean_indices`; in the benchmark a 5 % *oracle* drawn with the known poison mask).
     `n_rounds` (5) rounds of: (1) one universal perturbation δ (zero-initialised, one SGD pass over the clean data
@@ -162,7 +163,6 @@ class IBAU(Defense):
     """
 
     name = "i-bau"
-    clean_source = "given"
 
     def __init__(self, n_rounds: int = 5, k: int = 5, lr: float = 1e-4, batch_size: int = 256,
                  inner_step: float = 0.1, perturbation_lr: float = 10.0, reg: float = 0.001, portion: float = 0.01,
@@ -180,14 +180,6 @@ class IBAU(Defense):
         self.inner_step, self.perturbation_lr, self.reg = float(inner_step), float(perturbation_lr), float(reg)
         self.portion, self.augment = float(portion), augment
         self.max_clean = None if max_clean is None else int(max_clean)
-
-    def clean_data(self, train: ImageSet, victim: TrainResult, context: Context, timings: dict):
-        """(trusted clean indices, the split that made them or None)."""
-        if context.clean_indices is None:
-            raise CGDError("i-bau is a clean-data defense: it needs trusted clean training indices "
-                           "(Context.clean_indices; the benchmark passes a 5 % oracle); or run i-bau-sc, which "
-                           "takes CGD's split-clean D_c")
-        return np.asarray(context.clean_indices, dtype=np.int64), None
 
     def run(self, train: ImageSet, victim: TrainResult, context: Context) -> DefenseResult:
         timings: dict[str, float] = {}
@@ -239,7 +231,7 @@ class IBAU(Defense):
 
 
 @DEFENSES.register("i-bau-sc")
-class IBAUSC(IBAU):
+class IBAUSC(SplitClean, IBAU):
     """I-BAU on CGD's split-clean D_c instead of given clean data (CGD paper §4.3, "-SC"): CGD's scoring stages
     alone (guide, model score, split; no unlearning) make D_c; the split's D_p is reported as the samples flagged.
     Same I-BAU settings, except the budget (issue 14: ≤ 2× the victim's training time): D_c holds ~70 % of the
@@ -249,22 +241,6 @@ class IBAUSC(IBAU):
     """
 
     name = "i-bau-sc"
-    clean_source = "split-clean"
 
     def __init__(self, cgd=None, max_clean: int | None = 10_000, **params):
-        super().__init__(max_clean=max_clean, **params)
-        self.cgd = cgd
-
-    @classmethod
-    def from_config(cls, cfg: dict, guide=None, **objects) -> "IBAUSC":
-        from .guided import CGD
-
-        return cls(CGD.from_config(cfg, guide=guide), **cfg["defense"]["params"])
-
-    def clean_data(self, train, victim, context, timings):
-        from .guided import CGD
-
-        s, _ = (self.cgd or CGD()).split_data(train, victim, context, timings)
-        if len(s.clean) == 0:
-            raise CGDError("i-bau-sc: CGD's split left D_c empty: nothing to unlearn with")
-        return np.asarray(s.clean, dtype=np.int64), s
+        super().__init__(cgd, max_clean=max_clean, **params)

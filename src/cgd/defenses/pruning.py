@@ -19,7 +19,8 @@ from .. import CGDError
 from ..data import ImageSet
 from ..tensors import augment, predict_logits, to_input
 from ..train import TrainResult, make_optimizer
-from .base import DEFENSES, Context, Defense, DefenseResult, timed
+from .base import DEFENSES, CleanDataDefense, Context, Defense, DefenseResult, timed
+from .guided import SplitClean
 
 
 # ------------------------------------------------------------------------------------------------ EP
@@ -171,7 +172,7 @@ def finetune(model: nn.Module, images: np.ndarray, labels: np.ndarray, keep: np.
 
 
 @DEFENSES.register("fp")
-class FP(Defense):
+class FP(CleanDataDefense):
     """Fine-Pruning (Liu et al., RAID 2018; BackdoorBench defense/fp.py) on trusted clean data
     (`Context.clean_indices`; in the benchmark a 5 % *oracle* drawn with the known poison mask): rank the last
     layer's channels (the features feeding the linear head) by mean activation on clean data, prune from the
@@ -185,7 +186,7 @@ class FP(Defense):
     Fine-tuning augments with flips only (the victim recipe's), not BackdoorBench's random crop."""
 
     name = "fp"
-    clean_source = "given"
+    min_clean = 2
 
     def __init__(self, step: float = 0.01, acc_ratio: float = 0.1, holdout: float = 0.1, epochs: int = 100,
                  lr: float = 0.01, batch_size: int = 256, weight_decay: float = 5e-4):
@@ -196,14 +197,6 @@ class FP(Defense):
         self.step, self.acc_ratio, self.holdout, self.epochs = float(step), float(acc_ratio), float(holdout), \
             int(epochs)
         self.lr, self.batch_size, self.weight_decay = float(lr), int(batch_size), float(weight_decay)
-
-    def clean_data(self, train: ImageSet, victim: TrainResult, context: Context, timings: dict):
-        """(trusted clean indices, the split that made them or None)."""
-        if context.clean_indices is None:
-            raise CGDError("fp is a clean-data defense: it needs trusted clean training indices "
-                           "(Context.clean_indices; the benchmark passes a 5 % oracle); or run fp-sc, which "
-                           "takes CGD's split-clean D_c")
-        return np.asarray(context.clean_indices, dtype=np.int64), None
 
     def run(self, train: ImageSet, victim: TrainResult, context: Context) -> DefenseResult:
         timings: dict[str, float] = {}
@@ -244,28 +237,9 @@ class FP(Defense):
 
 
 @DEFENSES.register("fp-sc")
-class FPSC(FP):
+class FPSC(SplitClean, FP):
     """FP on CGD's split-clean D_c instead of given clean data (CGD paper §4.3, "-SC"): CGD's scoring stages
     alone (guide, model score, split; no unlearning) make D_c. Same FP settings; the split's D_p is reported as
     the samples flagged."""
 
     name = "fp-sc"
-    clean_source = "split-clean"
-
-    def __init__(self, cgd=None, **params):
-        super().__init__(**params)
-        self.cgd = cgd
-
-    @classmethod
-    def from_config(cls, cfg: dict, guide=None, **objects) -> "FPSC":
-        from .guided import CGD
-
-        return cls(CGD.from_config(cfg, guide=guide), **cfg["defense"]["params"])
-
-    def clean_data(self, train, victim, context, timings):
-        from .guided import CGD
-
-        s, _ = (self.cgd or CGD()).split_data(train, victim, context, timings)
-        if len(s.clean) < 2:
-            raise CGDError(f"fp-sc: CGD's split left {len(s.clean)} samples in D_c: nothing to fine-tune on")
-        return np.asarray(s.clean, dtype=np.int64), s
