@@ -23,12 +23,13 @@ from torch import nn
 
 from .. import CGDError
 from ..data import ImageSet
+from ..tensors import normalize, predict_logits
 from ..train import TrainConfig, train
 from .base import ATTACKS, Attack
 from .classic import BadNets
 from .learned import _classifier
 from .resources import (Resource, Timer, batches, fingerprint, get_or_create, get_or_create_on, load_module,
-                        map_batches, module_arrays, normalize, pad_to_multiple, random_flip, seeded, to_unit,
+                        map_batches, module_arrays, pad_to_multiple, random_flip, seeded, to_unit,
                         training_subset)
 
 log = logging.getLogger("cgd.attacks")
@@ -122,8 +123,8 @@ class FLIP(_LabelOnly):
             for e, st in enumerate(states):
                 arrays.update({f"e{e}.{k}": v.contiguous().numpy().copy() for k, v in st.items()})
             trig = self.apply_trigger(ds.images[ds.labels != self.target][:1000])
-            from .learned import _predict
-            asr = float((_predict(res.model, trig).argmax(1) == self.target).mean()) if len(trig) else float("nan")
+            hit = predict_logits(res.model, trig, batch_size=500).argmax(1) == self.target
+            asr = float(hit.mean()) if len(trig) else float("nan")
             return arrays, {"epoch_seconds": res.epoch_seconds, "expert_train_asr": asr}
 
         r = get_or_create("flip-expert", self._expert_params(), self.seed, ds, build, fp)

@@ -17,10 +17,11 @@ from torch import nn
 
 from .. import CGDError
 from ..data import ImageSet
+from ..tensors import normalize, predict_logits
 from ..train import TrainConfig, train
 from .base import ATTACKS, Attack, Draw, to_uint8
 from .resources import (Resource, Timer, batches, fingerprint, from_unit, get_or_create, get_or_create_on,
-                        load_module, map_batches, module_arrays, normalize, pad_to_multiple, random_flip, seeded,
+                        load_module, map_batches, module_arrays, pad_to_multiple, random_flip, seeded,
                         to_unit, training_subset)
 
 log = logging.getLogger("cgd.attacks")
@@ -114,7 +115,7 @@ class LabelConsistent(Attack):
             m = _classifier(self.surrogate, self.surrogate_kwargs, ds.num_classes)
             cfg = TrainConfig(epochs=self.surrogate_epochs, batch_size=self.surrogate_batch_size, seed=self.seed)
             res = train(m, ds.images, ds.labels, cfg, desc="lc surrogate")
-            acc = float((_predict(res.model, ds.images).argmax(1) == ds.labels).mean())
+            acc = float((predict_logits(res.model, ds.images, batch_size=500).argmax(1) == ds.labels).mean())
             return module_arrays("model", res.model), {"train_accuracy": acc, "epoch_seconds": res.epoch_seconds}
 
         r = get_or_create("lc-surrogate", self._surrogate_params(), self.seed, ds, build, fp)
@@ -156,13 +157,6 @@ class LabelConsistent(Attack):
     def poisoned_images(self, ds: ImageSet, d: Draw, rng: np.random.Generator) -> np.ndarray:
         """The trigger on the adversarial versions of the chosen images."""
         return self.apply_trigger(self._adv["images"][np.searchsorted(self._adv["indices"], d.idx)])
-
-
-@torch.no_grad()
-def _predict(model: nn.Module, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
-    model.eval()
-    out = [model(normalize(to_unit(images[i:i + batch_size]))) for i in range(0, len(images), batch_size)]
-    return torch.cat(out).numpy()
 
 
 # ============================================================================================== IAB

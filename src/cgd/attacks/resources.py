@@ -36,7 +36,6 @@ from torch import nn
 from .. import CGDError
 from ..data import ImageSet
 from ..io import cache_dir, load_arrays, read_json, save_arrays, write_json
-from ..tensors import MEAN, STD
 
 log = logging.getLogger("cgd.attacks")
 
@@ -146,11 +145,6 @@ def to_unit(images: np.ndarray) -> torch.Tensor:
 def from_unit(x: torch.Tensor) -> np.ndarray:
     """float (N,3,H,W) in [0, 1] → uint8 (N,H,W,3), rounded and clipped."""
     return x.detach().mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
-
-
-def normalize(x01: torch.Tensor) -> torch.Tensor:
-    """[0,1] pixels → the classifiers' input normalisation (the same as `cgd.train.to_input`)."""
-    return (x01 - MEAN) / STD
 
 
 def pad_to_multiple(x: torch.Tensor, m: int) -> tuple[torch.Tensor, tuple[int, int]]:
