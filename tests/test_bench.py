@@ -1,5 +1,6 @@
 import functools
 import json
+import shutil
 
 import torch
 
@@ -29,6 +30,12 @@ def test_bench_cells_resume_and_a_changed_recipe_is_a_new_cell(tiny, tmp_path, m
     again = bench.run_benchmark(["badnets"], tiny_cfg(**{"unlearn.overrides.label_smoothing": 0.0}), root, **quiet)
     assert len(again) == 2
     assert json.loads(again[1].read_text())["unlearn_config"]["label_smoothing"] == 0.0
+    # a victim trained again (a fresh checkout caches none) is another victim: new cells beside the old ones
+    shutil.rmtree(root / "runs" / "badnets" / "victim")
+    before = sorted((root / "results").glob("*.json"))
+    fresh = bench.run_benchmark(["badnets"], tiny_cfg(**{"unlearn.overrides.label_smoothing": 0.0}), root, **quiet)
+    assert len(fresh) == 2 and not set(fresh) & set(before)
+    assert sorted((root / "results").glob("*.json")) == sorted(before + fresh)
 
 
 def test_a_new_cell_never_overwrites_a_finished_one(tmp_path):

@@ -41,9 +41,13 @@ def _cpu() -> str:
     return f"{platform.machine()} / {torch.backends.cpu.get_cpu_capability()}"
 
 
-def _find(results: Path, attack: str, defense: str, key: str) -> Path | None:
+def _find(results: Path, attack: str, defense: str, key: str, victim_s: float | None = None) -> Path | None:
+    """A finished cell of this configuration (`key`) — and, given `victim_s`, of this very victim (its training
+    seconds, as the cell recorded them): a victim trained again (a fresh checkout has none cached) makes new cells."""
     for p in sorted(results.glob(f"*-{attack}-{defense}.json")):
-        if json.loads(p.read_text()).get("config_hash") == key:
+        cell = json.loads(p.read_text())
+        seconds = cell.get("victim_train_s", cell.get("timings", {}).get("victim_train_s"))
+        if cell.get("config_hash") == key and (victim_s is None or seconds == victim_s):
             return p
     return None
 
@@ -96,7 +100,7 @@ def run_benchmark(attack_names: list[str], cfg: dict, root: Path, data: str = "c
         victim = train_victim(ps.train.images, ps.train.labels, ds.train.num_classes, train_config(cfg),
                               run / "victim", cfg["victim"]["arch"], cfg["victim"]["arch_params"],
                               class_names=ds.class_names)
-        if _find(results, name, "none", key) is None:
+        if _find(results, name, "none", key, victim.seconds) is None:
             r = ca_asr(victim.model, ps, ds.test)
             cell = {**common, "defense": "none", **r, "victim_train_s": victim.seconds, "date": today}
             written.append(write_json(_new_cell(results, name, "none"), cell))
@@ -104,7 +108,7 @@ def run_benchmark(attack_names: list[str], cfg: dict, root: Path, data: str = "c
         if not with_cgd:
             continue
         defense = f"cgd-{cfg['unlearn']['recipe']}"
-        if _find(results, name, defense, key) is None:
+        if _find(results, name, defense, key, victim.seconds) is None:
             m = defend(ps.train, cell_cfg, run / defense, poison_mask=ps.poison_mask, poisoned=ps, test=ds.test,
                        extra_eval=train_asr_probe(ps), victim=victim, log=log)
             cell = {**common, "defense": defense, **m["after"], "before": m["before"], "detection": m["detection"],
@@ -174,13 +178,13 @@ def run_baseline(attack: str, defense: str, cfg: dict, root: Path, data: str = "
                     data=dict(cfg["data"], spec=data), defense=dict(cfg["defense"], name=defense))
     spelled = explicit(cell_cfg)
     key = hashlib.sha256((dumps_toml(spelled) + f"oracle={oracle}").encode()).hexdigest()[:12]
-    found = _find(results, attack, label, key)
-    if found is not None:
-        log(f"{attack} {label}: finished cell {found}")
-        return found
     victim = train_victim(ps.train.images, ps.train.labels, ds.train.num_classes, train_config(cfg),
                           root / "runs" / attack / "victim", cfg["victim"]["arch"], cfg["victim"]["arch_params"],
                           class_names=ds.class_names)
+    found = _find(results, attack, label, key, victim.seconds)
+    if found is not None:
+        log(f"{attack} {label}: finished cell {found}")
+        return found
     clean = oracle_clean(ps.poison_mask, oracle, cfg["seed"]) if oracle else None
     wall, cpu = time.perf_counter(), time.process_time()
     m = defend(ps.train, cell_cfg, root / "runs" / attack / label, poison_mask=ps.poison_mask, poisoned=ps,
