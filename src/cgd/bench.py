@@ -1,4 +1,4 @@
-"""The reference benchmark of design.md: per attack, the victim with no defense and with CGD.
+"""The reference benchmark (docs/benchmarks.md): per attack, the victim with no defense and with CGD.
 
 Cells are resumable: the victim, the guide logits and the unlearning live in `ROOT/runs/<attack>/`, and a finished
 cell is a JSON file in `ROOT/results/` that is never recomputed (delete it to redo the cell).

@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = sub.add_parser("bench", help="the reference benchmark (full CIFAR-10, resumable)",
-                       description="Runs the design.md reference benchmark: for each attack, the victim "
+                       description="Runs the reference benchmark (docs/benchmarks.md): for each attack, the victim "
                                    "without defense and with CGD; writes benchmarks/results/*.json. Finished "
                                    "cells are skipped.")
     p.add_argument("--attacks", default="badnets,blend,sig")

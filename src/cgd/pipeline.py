@@ -135,7 +135,7 @@ def defend(train_set: ImageSet, cfg: dict, run_dir: Path, *, guide=None, model_p
            snapshot_path: Path | None = None, poison_mask: np.ndarray | None = None,
            poisoned: PoisonedSet | None = None, test: ImageSet | None = None, extra_eval=None,
            victim: TrainResult | None = None, clean_indices: np.ndarray | None = None, log=print) -> dict:
-    """Run the config's defense (`defense.name`, CGD by default) on `train_set` into `run_dir` (see design.md for
+    """Run the config's defense (`defense.name`, CGD by default) on `train_set` into `run_dir` (the README lists
     the files). Intermediate results live in `run_dir/.work` so an interrupted run resumes; the outputs appear
     only once everything succeeded. A `victim` already trained on `train_set` with the config's recipe may be
     passed in to be shared; `model_path` (and `snapshot_path`) give the user's own suspicious model instead.
