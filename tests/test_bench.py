@@ -44,3 +44,11 @@ def test_a_new_cell_never_overwrites_a_finished_one(tmp_path):
     second = bench._new_cell(tmp_path, "ctrl", "none")
     assert second != first and second.name.endswith("-ctrl-none.json") and not second.exists()
     assert sorted(tmp_path.glob("*-ctrl-none.json")) == [first] and second.name > first.name  # newest sorts last
+
+
+def test_the_results_table_takes_a_split_made_without_a_guide(tmp_path):
+    cell = {"attack": "sig", "defense": "abl", "ca": 0.8, "asr": 0.1, "date": "2026-12-03",
+            "detection": {"tpr": 0.5, "fpr": 0.01, "poison_in_clean": 3, "auroc_model": 0.7}}  # ABL: no guide
+    (tmp_path / "2026-12-03-sig-abl.json").write_text(json.dumps(cell))
+    table = bench.results_table(tmp_path)
+    assert "| sig | abl | 0.8000 | 0.1000 |" in table and "– / 0.700" in table

@@ -184,7 +184,8 @@ def _tiny_hf_clip(path):
 def test_check_takes_gradients_through_a_transformers_clip(tmp_path, data):
     g = guides.get("hf-clip", path=str(_tiny_hf_clip(tmp_path / "clip")), cache=False)
     res = check_guide(g, data[1].images[:16], data[1].class_names, steps=3)
-    assert res.guide == "hf-clip" and res.target in data[1].class_names and -1 <= res.shift <= 1
+    assert res.guide == "hf-clip" and res.target in data[1].class_names
+    assert res.shift == max(res.shifts.values()) and abs(sum(res.shifts.values())) < 1e-6  # shares move, sum 1
     assert res.images == 16 and set(res.shifts) == set(data[1].class_names)
 
 
@@ -202,3 +203,5 @@ def test_cli_guide_check(aligned, blended, data, tmp_path, capsys):
     assert cli.main(["guide", "check", "--guide", "noisy", "--data", str(npz)]) == 1  # no gradients
     assert "gradients" in capsys.readouterr().err
     assert cli.main(args + ["--param", f"path={good}", "--eps", "8/0"]) == 1
+    assert cli.main(["guide", "check", "--guide", "surrogate", "--data", str(npz), "--images", "-1"]) == 1
+    assert "--images must be at least 2" in capsys.readouterr().err

@@ -78,6 +78,8 @@ def _set_config(meta, **top):
     (lambda p, d: _rewrite(p, d, edit_meta=lambda m: m.pop("format")), "not a surrogate"),
     (lambda p, d: _rewrite(p, d, edit_meta=lambda m: _set_config(m, embed_dim=10 ** 9)), "embed_dim"),
     (lambda p, d: _rewrite(p, d, edit_meta=lambda m: _set_config(m, extra=1)), "exactly image, text"),
+    (lambda p, d: _rewrite(p, d, edit_meta=lambda m: _set_config(
+        m, text={**json.loads(m["config"])["text"], "hidden": 9})), "attention heads"),
     (lambda p, d: _rewrite(p, d, edit_meta=lambda m: m.update(config="{nope")), "not valid JSON"),
     (lambda p, d: _rewrite(p, d, edit_tensors=lambda t: t.update(logit_scale=torch.tensor(float("nan")))), "NaN"),
     (lambda p, d: _rewrite(p, d, edit_tensors=lambda t: t.update(evil=torch.zeros(2))), "evil"),

@@ -137,7 +137,7 @@ def results_table(results: Path) -> str:
             return "" if v is None else format(v, spec)
 
         split_s = t.get("split_s", 0) + t.get("refine_split_s", 0) if "split_s" in t else None
-        aurocs = f"{d['auroc_guide']:.3f} / {d['auroc_model']:.3f}" if d else ""
+        aurocs = f"{f(d.get('auroc_guide'), '.3f') or '–'} / {f(d.get('auroc_model'), '.3f')}" if d else ""
         rows.append(f"| {attack} | {defense} | {f(c['ca'])} | {f(c['asr'])} | {f(c.get('clean_to_target'))} "
                     f"| {f(d.get('tpr'), '.3f')} | {f(d.get('fpr'), '.3f')} | {d.get('poison_in_clean', '')} "
                     f"| {aurocs} "

