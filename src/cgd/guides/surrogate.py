@@ -300,9 +300,6 @@ def build_surrogate(cfg: dict | None = None, seed: int = 0) -> SurrogateCLIP:
 
 # ---------------------------------------------------------------- files
 
-MAX_HEADER_BYTES = 1 << 20
-
-
 def save_surrogate(model, path: str | os.PathLike) -> Path:
     """The model's stored tensors (`stored_keys`) and configuration to a safetensors file, atomically."""
     from safetensors.torch import save
@@ -318,7 +315,7 @@ def save_surrogate(model, path: str | os.PathLike) -> Path:
 
 def read_metadata(path: Path) -> dict[str, str]:
     """The `__metadata__` of a safetensors file, read from its bounded header only."""
-    from ..models import _parse_json
+    from ..models import MAX_HEADER_BYTES, _parse_json
 
     try:
         with open(path, "rb") as f:
@@ -338,10 +335,7 @@ def read_metadata(path: Path) -> dict[str, str]:
 
 def load_surrogate(path: str | os.PathLike):
     """A surrogate saved by `save_surrogate`, trusting nothing in the file (module docstring). No pickles."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
-    from ..models import SAFETENSORS_DTYPES, _parse_json, _read_weights
+    from ..models import SAFETENSORS_DTYPES, _parse_json, read_tensors
 
     path = Path(path)
     if not path.is_file():
@@ -359,16 +353,7 @@ def load_surrogate(path: str | os.PathLike):
     if bad:
         raise CGDError(f"surrogate tensor {bad[0]!r} has an unsupported dtype {state[bad[0]].dtype}")
     expected = {k: (tuple(state[k].shape), state[k].dtype) for k in keys}
-    try:
-        tensors = load(_read_weights(path, expected, "surrogate"))
-    except SafetensorError as e:
-        raise CGDError(f"{path}: not a readable safetensors file: {e}") from None
-    for k, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise CGDError(f"{path}: tensor {k!r} holds NaN or infinite values")
-        if k.endswith("running_var") and (t < 0).any():
-            raise CGDError(f"{path}: tensor {k!r} holds negative variances")
-    model.load_state_dict(tensors, strict=False)
+    model.load_state_dict(read_tensors(path, expected, "surrogate"), strict=False)
     return model.eval()
 
 

@@ -200,9 +200,6 @@ def load_model(path: str | Path) -> nn.Module:
     """Rebuild a model saved by `save_model`, trusting neither file: the sidecar is checked against the
     architecture's `PARAMS`, the safetensors header against the state those parameters imply, and the weights
     must be finite. Anything else is one `CGDError` naming the file and the field. No pickles are read."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
     path = Path(path)
     spec_path = path.with_name(path.name + ".json")
     for p, what in ((path, "model file"), (spec_path, f"sidecar (the architecture of {path.name})")):
@@ -221,16 +218,7 @@ def load_model(path: str | Path) -> nn.Module:
     cls = MODELS.cls(name)
     params = check_params(cls.PARAMS, spec.get("params", {}), f"{spec_path}: params")
     trained = _check_trained_on(cls, params, spec.get("input_size"), spec.get("class_names"), str(spec_path))
-    raw = _read_weights(path, blueprint(cls, params, f"{spec_path}: params"), name)
-    try:
-        state = load(raw)
-    except SafetensorError as e:
-        raise CGDError(f"{path}: not a readable safetensors file: {e}") from None
-    for k, t in state.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise CGDError(f"{path}: tensor {k!r} holds NaN or infinite values (every prediction would be NaN)")
-        if k.endswith("running_var") and (t < 0).any():
-            raise CGDError(f"{path}: tensor {k!r} holds negative variances (every prediction would be NaN)")
+    state = read_tensors(path, blueprint(cls, params, f"{spec_path}: params"), name)
     model = cls(**params)
     model.load_state_dict(state)
     model.cgd_spec = {"name": name, "params": params, **trained}
@@ -254,6 +242,25 @@ def _parse_json(raw: bytes, where: str):
         return json.loads(raw.decode("utf-8"), parse_constant=constant, object_pairs_hook=unique)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
         raise CGDError(f"{where} is not valid JSON: {str(e)[:200]}") from None
+
+
+def read_tensors(path: Path, expected: dict, arch: str) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors file `path`, read only after its header has been checked against
+    `expected` (name -> (shape, dtype) of the state of `arch`), and refused unless finite, with non-negative
+    batch-norm variances (either would make every prediction NaN)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        state = load(_read_weights(path, expected, arch))
+    except SafetensorError as e:
+        raise CGDError(f"{path}: not a readable safetensors file: {e}") from None
+    for k, t in state.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CGDError(f"{path}: tensor {k!r} holds NaN or infinite values (every prediction would be NaN)")
+        if k.endswith("running_var") and (t < 0).any():
+            raise CGDError(f"{path}: tensor {k!r} holds negative variances (every prediction would be NaN)")
+    return state
 
 
 def _read_weights(path: Path, expected: dict, arch: str) -> bytes:
