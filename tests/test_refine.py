@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from cgd import CGDError
-from cgd.refine import probe_logits
+from cgd.refine import group_folds, probe_logits
 from cgd.split import auroc, nll
 
 
@@ -40,3 +40,23 @@ def test_probe_folds_take_whole_groups():
         logp = probe_logits(features, labels, trusted, 4, groups=g)
         p_label[name] = float(np.exp(logp[trusted, labels]).mean())
     assert p_label["samples"] > 0.6 and p_label["groups"] < 0.3, p_label
+
+
+def test_probe_folds_by_group_keep_every_class_on_both_sides():
+    """Folds are dealt per class: a class whose trusted samples sit in one group (fewer groups than folds) falls
+    back to per-sample folds, and a class with a few groups spreads them over the folds, so no probe scoring a
+    class has never seen it (drawn by group alone, the lone group's fold scored it at p(label) 0.000)."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2, 3], [200, 200, 200, 40])
+    groups = np.concatenate([np.repeat(np.arange(40), 5) + 40 * c for c in range(3)] + [np.full(40, 999)])
+    features = 3 * np.eye(4, 32)[labels] + rng.normal(size=(640, 32))
+    trusted = np.arange(640)
+    for seed in range(3):
+        logp = probe_logits(features, labels, trusted, 4, seed=seed, groups=groups)
+        p = np.exp(logp[trusted, labels[trusted]])
+        assert p[labels == 3].mean() > 0.5 and p.mean() > 0.5, (seed, p[labels == 3].mean())
+    folds = group_folds(labels, groups, 2, np.random.default_rng(0))
+    for c in range(4):
+        assert set(folds[labels == c]) == {0, 1}
+    for g in range(120):   # classes with enough groups keep each group whole
+        assert len(set(folds[groups == g])) == 1

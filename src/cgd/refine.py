@@ -41,11 +41,30 @@ def standardise(features: np.ndarray) -> np.ndarray:
     return (f - f.mean(0)) / (f.std(0) + 1e-6)
 
 
+def group_folds(labels: np.ndarray, groups: np.ndarray, folds: int, rng: np.random.Generator) -> np.ndarray:
+    """One fold per sample, stratified by class: within each class its groups are shuffled and dealt to the folds in
+    turn, so every fold's complement holds the class; a class with fewer groups than folds has its samples dealt to
+    the folds one by one instead (its frames may then sit on both sides). A group spanning classes is dealt once per
+    class."""
+    fold_of = np.zeros(len(labels), dtype=np.int64)
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        ids, group_of = np.unique(groups[members], return_inverse=True)
+        if len(ids) >= folds:
+            deal = np.empty(len(ids), dtype=np.int64)
+            deal[rng.permutation(len(ids))] = np.arange(len(ids)) % folds
+            fold_of[members] = deal[group_of]
+        else:
+            fold_of[members[rng.permutation(len(members))]] = np.arange(len(members)) % folds
+    return fold_of
+
+
 def probe_logits(features: np.ndarray, labels: np.ndarray, trusted: np.ndarray, num_classes: int,
                  folds: int = 2, seed: int = 0, l2: float = 1e-3, groups: np.ndarray | None = None) -> np.ndarray:
     """Out-of-fold probe log-probabilities (N, C) for every sample: trusted samples are scored by the probe fitted on
     the other folds; the others by the average of all fold probes. With `groups` (GTSRB's tracks) a fold takes
-    whole groups, so no sample is scored by a probe that saw another frame of its sign."""
+    whole groups, so no sample is scored by a probe that saw another frame of its sign; the groups are dealt to the
+    folds within each class (`group_folds`), so no probe misses a class."""
     trusted = np.asarray(trusted)
     labels = np.asarray(labels)
     if len(np.unique(labels[trusted])) < num_classes:
@@ -55,8 +74,7 @@ def probe_logits(features: np.ndarray, labels: np.ndarray, trusted: np.ndarray, 
     if groups is None:
         fold_of = np.random.default_rng(seed).integers(0, folds, size=len(trusted))
     else:
-        ids, group_of = np.unique(np.asarray(groups)[trusted], return_inverse=True)
-        fold_of = np.random.default_rng(seed).integers(0, folds, size=len(ids))[group_of]
+        fold_of = group_folds(labels[trusted], np.asarray(groups)[trusted], folds, np.random.default_rng(seed))
     out = np.zeros((len(x), num_classes), dtype=np.float64)
     untrusted = np.ones(len(x), bool)
     untrusted[trusted] = False
