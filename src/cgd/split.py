@@ -531,11 +531,12 @@ def split_by(config: SplitConfig, labels, guide_logits, model_losses, *, guide_f
         raise CGDError(f"model_losses must be numbers; got dtype {losses.dtype}")
     info: dict = {"skipped": []}
     if losses.ndim == 2:
-        a, b = config.window or (None, None)
         if config.window is None:
             w = window_shares(losses, nll(g, labels), config.sigma2)
             info["window_shares"] = {k: np.round(v, 4).tolist() for k, v in w.items()}
             a, b = pick_window(w, config.window_rule, WINDOW_WIDTH, len(losses))
+        else:
+            a, b = config.window
         if not 1 <= a <= b <= len(losses):
             raise CGDError(f"model score window {a}-{b}: epochs must lie in 1..{len(losses)}")
         model_nll = losses[a - 1:b].mean(axis=0).astype(np.float64)  # (a float32 history averages in float32)

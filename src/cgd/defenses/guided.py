@@ -261,8 +261,9 @@ def defend(model: nn.Module, images, labels, class_names, *, guide="imagenet-tex
     split, unlearn : SplitConfig, UnlearnConfig, optional
         The split and unlearning settings; default: the cpu recipe of `cgd defend`.
     groups : np.ndarray, optional
-        (N,) integer ids: samples sharing one are views of one physical object (GTSRB's tracks); the held-out
-        slice that watches clean accuracy during unlearning then takes whole groups.
+        (N,) integer ids: samples sharing one are views of one physical object (GTSRB's tracks); the probe's
+        folds and the held-out slice that watches clean accuracy during unlearning then take whole groups, and a
+        sample's neighbours in the purification exclude its own group.
     seed : int, default 0
         Seed of the split's random steps.
     log : callable, optional
