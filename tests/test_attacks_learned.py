@@ -251,3 +251,24 @@ def test_flip_matching_gradient_equals_double_backward():
     ref_loss = float(ref_loss.detach())
     assert abs(loss - ref_loss) < 1e-4 * max(1.0, ref_loss)
     assert torch.allclose(grad, ref, rtol=1e-3, atol=1e-6 * float(ref.abs().max()))
+
+
+def test_ssba_residual_is_scaled_to_the_requested_psnr(data):
+    """The trigger is the encoder's residual scaled to `psnr`: the poisoned images sit near it (clipping at 0/255
+    can only raise it), a lower PSNR is a stronger residual, and `psnr=None` is the encoder's own image."""
+    x = data.train.images[:40]
+
+    def psnr(a):
+        mse = ((a.astype(np.float64) - x) ** 2).mean()
+        return 10 * np.log10(255.0 ** 2 / mse)
+
+    strong, faint, native = (make("ssba", psnr=p) for p in (20.0, 30.0, None))
+    for a in (strong, faint, native):
+        a.prepare(data.train)
+    assert 20.0 <= psnr(strong.apply_trigger(x)) < 21.5 and 30.0 <= psnr(faint.apply_trigger(x)) < 31.5
+    secret = torch.from_numpy(native.secret()).expand(len(x), -1)
+    with torch.no_grad():
+        own = resources.from_unit(native._E(resources.to_unit(x), secret))
+    assert np.array_equal(native.apply_trigger(x), own)
+    with pytest.raises(CGDError, match="psnr"):
+        make("ssba", psnr=5.0)
