@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from cgd import cli, defenses
+from cgd import CGDError, cli, defenses
 from cgd.data import save_npz
 from cgd.defenses import pruning
 from cgd.models import load_model, save_model
@@ -68,6 +68,16 @@ def test_ep_core_step_is_what_the_test_sees(poisoned, victim, tiny, monkeypatch)
 def run_fp(poisoned, victim, **params):
     return defenses.get("fp", **{"epochs": 3, **params}).run(
         poisoned.train, victim, defenses.Context(clean_indices=oracle(poisoned)))
+
+
+@pytest.mark.parametrize("name, given, says", [
+    ("fp", [3], "1 trusted clean samples .given., fewer than the 2"), ("i-bau", [], "0 trusted clean samples"),
+    ("fp", [1, 1, 2], "distinct"), ("i-bau", [0, 10 ** 6], "distinct sample indices"),
+    ("i-bau", [[1, 2]], "distinct")])
+def test_clean_data_defenses_check_the_indices_they_are_given(poisoned, victim, name, given, says):
+    """Given indices are held to what a defense needs before any work: at least `min_clean`, distinct, in range."""
+    with pytest.raises(CGDError, match=says):
+        defenses.get(name).run(poisoned.train, victim, defenses.Context(clean_indices=np.array(given, np.int64)))
 
 
 def test_fp_prunes_then_finetunes(poisoned, victim, tiny):

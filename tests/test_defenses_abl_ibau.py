@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from cgd import attacks, defenses, models
+from cgd import CGDError, attacks, defenses, models
 from cgd.data import ImageSet
 from cgd.defenses import abl, ibau
 from cgd.pipeline import SPLIT_OUTPUTS, defend
@@ -113,12 +113,15 @@ def test_abl_trains_its_own_model_from_the_victims_architecture(faint_poisoned):
     assert all(torch.equal(v, victim.model.state_dict()[k]) for k, v in before.items())  # victim untouched
     user_model = TrainResult(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(4)), None,
                              np.zeros((0, 800), np.float32))
-    with pytest.raises(Exception, match="architecture"):
+    with pytest.raises(CGDError, match="architecture"):
         defenses.get("abl").run(faint_poisoned.train, user_model, defenses.Context())
-    with pytest.raises(Exception, match="isolation_ratio"):
+    with pytest.raises(CGDError, match="isolation_ratio"):
         defenses.get("abl", isolation_ratio=1.5)
-    with pytest.raises(Exception, match="ascent"):
+    with pytest.raises(CGDError, match="ascent"):
         defenses.get("abl", ascent="sideways")
+    for bad in ({"tuning_epochs": "5"}, {"gamma": float("nan")}, {"ascent": 3}, {"batch_size": 2.5}):
+        with pytest.raises(CGDError, match=f"abl: {next(iter(bad))} must be"):  # one line, not a TypeError
+            defenses.get("abl", **bad)
 
 
 def test_abl_run_directory_reports_the_isolation_as_the_split(tmp_path):
@@ -228,15 +231,18 @@ def test_ibau_outer_step_carries_the_implicit_term_through_the_network(poisoned,
 
 
 def test_ibau_needs_clean_data_and_caps_it(poisoned, victim):
-    with pytest.raises(Exception, match="clean-data defense"):
+    with pytest.raises(CGDError, match="clean-data defense"):
         defenses.get("i-bau").run(poisoned.train, victim, defenses.Context())
     clean = np.flatnonzero(~poisoned.poison_mask)[:200]
     r = defenses.get("i-bau", **{**IBAU_TINY, "n_rounds": 1, "max_clean": 64}).run(
         poisoned.train, victim, defenses.Context(clean_indices=clean, extra_eval=lambda m: {"tta": m.flip_tta}))
     assert r.info["used"] == 64 and r.info["clean"] == 200
     assert r.info["rounds"][0]["eval"] == {"tta": victim.model.flip_tta}  # evaluated as it will be used
-    with pytest.raises(Exception, match="portion"):
+    with pytest.raises(CGDError, match="portion"):
         defenses.get("i-bau", portion=2.0)
+    with pytest.raises(CGDError, match="i-bau: lr must be a finite number"):
+        defenses.get("i-bau", lr="fast")
+    assert defenses.get("i-bau", max_clean=0).max_clean is None  # all of D_c, as --param can ask
 
 
 def test_ibau_sc_unlearns_with_cgds_split_clean(tiny, poisoned, tmp_path):

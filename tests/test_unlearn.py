@@ -146,3 +146,18 @@ def test_the_held_out_slice_takes_whole_groups():
     held, rest = hold_out(clean, 0.1, np.random.default_rng(0))
     perm = np.random.default_rng(0).permutation(clean)
     assert (held == np.sort(perm[:30])).all() and (rest == perm[30:]).all()
+
+
+def test_the_held_out_slice_never_takes_a_class_s_last_group():
+    """A class with a single track in D_c keeps it on the training side, however large the share asked."""
+    from cgd.unlearn import hold_out
+
+    clean = np.arange(300)
+    groups = np.arange(300) // 30  # ten tracks of 30
+    labels = np.where(groups == 9, 1, 0)  # class 1: one track; class 0: nine
+    for seed in range(20):
+        held, rest = hold_out(clean, 0.5, np.random.default_rng(seed), groups, labels)
+        assert (labels[rest] == 1).sum() == 30 and len(set(groups[held])) >= 5
+        assert not set(groups[held]) & set(groups[rest])
+    held, _ = hold_out(clean, 0.99, np.random.default_rng(0), groups, labels)
+    assert len(held) == 240  # all but one track of class 0 and class 1's only one

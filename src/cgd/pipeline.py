@@ -167,8 +167,6 @@ def run_metrics(name: str, r: defenses.DefenseResult, victim: TrainResult, poiso
     on the test set before and after."""
     timings = {**({"victim_train_s": victim.seconds} if victim.epoch_seconds else {}), **r.timings}
     detection = detection_metrics(poison_mask, r.split) if poison_mask is not None and r.split is not None else {}
-    if r.split is not None and "guide" in r.split.info and r.split.info["guide"] is None:
-        detection.pop("auroc_guide", None)  # a split made without a guide (ABL): its guide columns are 0
     metrics = {"defense": name, **r.info, "timings": timings,
                "sizes": r.split.sizes() if r.split is not None else {}, "detection": detection}
     if test is not None:

@@ -80,3 +80,14 @@ def check_params(schema: dict, params, where: str) -> dict:
     if unknown:
         raise CGDError(f"{where} has an unknown parameter {show(unknown[0])}; known: {', '.join(schema)}")
     return {k: schema[k].check(v, f"{where}.{k}") for k, v in params.items()}
+
+
+def check_types(where: str, *, ints: dict | None = None, reals: dict | None = None, texts: dict | None = None) -> None:
+    """The types of keyword arguments that came from a user's `--param`/`--set` (ranges are the caller's): every
+    value in `ints` an integer, in `reals` a finite number, in `texts` a string; None passes (an unset option)."""
+    for kinds, ok, what in ((ints, lambda v: type(v) is int, "an integer"),
+                            (reals, lambda v: type(v) in (int, float) and math.isfinite(v), "a finite number"),
+                            (texts, lambda v: type(v) is str, "a string")):
+        for k, v in (kinds or {}).items():
+            if v is not None and not ok(v):
+                raise CGDError(f"{where}: {k} must be {what}; got {show(v)}")

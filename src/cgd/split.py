@@ -358,7 +358,8 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
 
 
 def detection_metrics(poison_mask: np.ndarray, s: Split) -> dict[str, float]:
-    """How well the split isolates the known poison: TPR/FPR/precision of D_p, poison left in D_c, AUROCs."""
+    """How well the split isolates the known poison: TPR/FPR/precision of D_p, poison left in D_c, AUROCs (the
+    guide's only where the split has guide scores: a split made without a guide, ABL's, holds a constant)."""
     p = np.asarray(poison_mask, dtype=bool)
     in_p = np.zeros(len(p), bool)
     in_p[s.poison] = True
@@ -370,7 +371,7 @@ def detection_metrics(poison_mask: np.ndarray, s: Split) -> dict[str, float]:
         "precision": float((in_p & p).sum() / max(in_p.sum(), 1)),
         "poison_in_clean": poison_in_clean,
         "poison_in_clean_frac": poison_in_clean / max(len(s.clean), 1),
-        "auroc_guide": auroc(s.guide_nll, p),
+        **({"auroc_guide": auroc(s.guide_nll, p)} if np.ptp(s.guide_nll) > 0 else {}),
         "auroc_model": auroc(-s.model_nll, p),
         "auroc_combined": auroc(np.maximum(s.guide_rank, 1 - s.model_rank), p),
         **{f"n_{k}": v for k, v in s.sizes().items()},

@@ -30,6 +30,9 @@ def to_input(images: torch.Tensor | np.ndarray) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
+AUGMENTS = ("none", "flip", "flip+translate")  # the modes `augment` knows
+
+
 def augment(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
     if mode == "none":
         return x

@@ -113,21 +113,31 @@ def step_lr(config: UnlearnConfig, step: int, total: int) -> float:
     return config.lr * (1 - step / total) if config.lr_decay else config.lr
 
 
-def hold_out(clean: np.ndarray, share: float, rng: np.random.Generator,
-             groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def hold_out(clean: np.ndarray, share: float, rng: np.random.Generator, groups: np.ndarray | None = None,
+             labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(held, rest): a random `share` of the clean indices held out to watch clean accuracy (sorted), and the rest.
     With `groups` (one id per training sample, `ImageSet.groups`) whole groups are held out, at least `share` of
     D_c, so that no frame of a held-out GTSRB sign is trained on: near-copies on both sides would flatter the
-    held-out accuracy and hide a falling one."""
+    held-out accuracy and hide a falling one. With `labels` too, a class's last group in D_c is never held out:
+    the class keeps something to relearn (a small GTSRB class may have one track in D_c)."""
     clean = rng.permutation(clean)
     n_hold = int(round(share * len(clean)))
     if groups is None:
         return np.sort(clean[:n_hold]), clean[n_hold:]
     g = np.asarray(groups)[clean]
-    ids, sizes = np.unique(g, return_counts=True)
-    taken = rng.permutation(len(ids))
-    n_groups = int(np.searchsorted(np.cumsum(sizes[taken]), n_hold)) + 1 if n_hold else 0
-    held = np.isin(g, ids[taken[:n_groups]])
+    ids, first, sizes = np.unique(g, return_index=True, return_counts=True)
+    cls = np.asarray(labels)[clean][first] if labels is not None else np.zeros(len(ids), np.int64)
+    left = dict(zip(*np.unique(cls, return_counts=True)))  # groups of each class still on the training side
+    taken, total = [], 0
+    for i in rng.permutation(len(ids)):  # one step per group (GTSRB: ~1,300), not per sample
+        if total >= n_hold:
+            break
+        if labels is not None and left[cls[i]] <= 1:
+            continue
+        left[cls[i]] -= 1
+        taken.append(ids[i])
+        total += sizes[i]
+    held = np.isin(g, taken)
     return np.sort(clean[held]), clean[~held]
 
 
@@ -146,7 +156,7 @@ def unlearn(model: nn.Module, images: np.ndarray, labels: np.ndarray, s: Split, 
     torch.manual_seed(config.seed)
     labels = np.asarray(labels, dtype=np.int64)
 
-    held, train_clean = hold_out(s.clean, config.holdout, rng, groups)
+    held, train_clean = hold_out(s.clean, config.holdout, rng, groups, labels)
     n_hold = len(held)
     prior = torch.softmax(torch.from_numpy(np.asarray(guide_logits, np.float32)), 1).mean(0).numpy() \
         if config.prior == "guide" else None

@@ -6,7 +6,6 @@ gradient ascent."""
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import numpy as np
@@ -17,9 +16,10 @@ from torch import nn
 from .. import CGDError, models
 from ..data import ImageSet
 from ..split import Split, percentile_rank
-from ..tensors import augment, predict_logits, to_input
+from ..schema import check_types
+from ..tensors import AUGMENTS, augment, predict_logits, to_input
 from ..train import TrainConfig, TrainResult, make_optimizer
-from .base import DEFENSES, Context, Defense, DefenseResult, timed
+from .base import DEFENSES, Context, Defense, DefenseResult, one_view, timed
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ASCENT_TYPES = ("flooding", "lga")
@@ -91,14 +91,8 @@ def stage(model: nn.Module, opt: torch.optim.Optimizer, data: tuple[torch.Tensor
 def per_sample_loss(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Each sample's CE under `model` in eval mode, one view per image (fastnet's flip test-time augmentation
     off: the warm-up saw no flipped images)."""
-    tta = getattr(model, "flip_tta", None)
-    try:
-        if tta is not None:
-            model.flip_tta = False
+    with one_view(model):
         logits = torch.from_numpy(predict_logits(model, images))
-    finally:
-        if tta is not None:
-            model.flip_tta = tta
     y = torch.from_numpy(np.array(labels, dtype=np.int64))
     return F.cross_entropy(logits, y, reduction="none").numpy()
 
@@ -116,7 +110,7 @@ def isolation_split(losses: np.ndarray, isolated: np.ndarray) -> Split:
     clean = np.setdiff1d(np.arange(n), poison)
     zeros = np.zeros(n)
     return Split(clean, poison, np.zeros(0, np.int64), zeros, losses.astype(np.float64), zeros,
-                 percentile_rank(losses), info={"model_score": "abl isolation loss", "guide": None})
+                 percentile_rank(losses), info={"model_score": "abl isolation loss"})
 
 
 @DEFENSES.register("abl")
@@ -158,16 +152,20 @@ class ABL(Defense):
                  isolation_ratio: float = 0.01, ascent: str = "flooding", gamma: float = 0.5,
                  flooding: float = 0.5, lr: float | None = None, unlearning_lr: float | None = None,
                  momentum: float = 0.9, weight_decay: float = 1e-4, batch_size: int = 256, augment: str = "flip"):
-        ascent = str(ascent).lower()
+        check_types(self.name, ints=dict(tuning_epochs=tuning_epochs, finetuning_epochs=finetuning_epochs,
+                                         unlearning_epochs=unlearning_epochs, batch_size=batch_size),
+                    reals=dict(isolation_ratio=isolation_ratio, gamma=gamma, flooding=flooding, lr=lr,
+                               unlearning_lr=unlearning_lr, momentum=momentum, weight_decay=weight_decay),
+                    texts=dict(ascent=ascent, augment=augment))
+        ascent = ascent.lower()
         problems = [what for ok, what in [
             (min(tuning_epochs, finetuning_epochs, unlearning_epochs) >= 0, "epochs >= 0"),
             (0 < isolation_ratio < 1, "0 < isolation_ratio < 1"),
             (ascent in ASCENT_TYPES, "ascent 'flooding' or 'lga'"),
-            (math.isfinite(gamma) and math.isfinite(flooding), "finite gamma and flooding"),
             (all(v is None or v > 0 for v in (lr, unlearning_lr)), "lr, unlearning_lr > 0"),
             (0 <= momentum < 1 and weight_decay >= 0, "0 <= momentum < 1, weight_decay >= 0"),
             (batch_size >= 1, "batch_size >= 1"),
-            (augment in ("none", "flip", "flip+translate"), "augment none|flip|flip+translate")] if not ok]
+            (augment in AUGMENTS, f"augment {'|'.join(AUGMENTS)}")] if not ok]
         if problems:
             raise CGDError(f"abl: needs {'; '.join(problems)}")
         self.tuning_epochs, self.finetuning_epochs = int(tuning_epochs), int(finetuning_epochs)

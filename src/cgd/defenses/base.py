@@ -74,12 +74,26 @@ class CleanDataDefense(Defense):
     min_clean = 1  # fewer trusted samples than this is an error
 
     def clean_data(self, train: ImageSet, victim: TrainResult, context: Context, timings: dict):
-        """(trusted clean indices, the split that made them or None)."""
+        """(trusted clean indices, the split that made them or None), from `trusted_clean` and checked: distinct
+        indices into `train`, at least `min_clean` of them, whichever source gave them."""
+        clean, split = self.trusted_clean(train, victim, context, timings)
+        clean = np.asarray(clean)
+        if clean.ndim != 1 or not np.issubdtype(clean.dtype, np.integer) or len(clean) and (
+                clean.min() < 0 or clean.max() >= len(train) or len(np.unique(clean)) != len(clean)):
+            raise CGDError(f"{self.name}: the trusted clean indices must be distinct sample indices in "
+                           f"0..{len(train) - 1}")
+        if len(clean) < self.min_clean:
+            raise CGDError(f"{self.name}: {len(clean)} trusted clean samples ({self.clean_source}), fewer than the "
+                           f"{self.min_clean} it needs")
+        return clean.astype(np.int64), split
+
+    def trusted_clean(self, train: ImageSet, victim: TrainResult, context: Context, timings: dict):
+        """The source of the clean indices: `Context.clean_indices` here; CGD's D_c in the "-sc" variants."""
         if context.clean_indices is None:
             raise CGDError(f"{self.name} is a clean-data defense: it needs trusted clean training indices "
                            "(Context.clean_indices; the benchmark passes a 5 % oracle); or run "
                            f"{self.name}-sc, which takes CGD's split-clean D_c")
-        return np.asarray(context.clean_indices, dtype=np.int64), None
+        return context.clean_indices, None
 
 
 @contextmanager
@@ -88,3 +102,17 @@ def timed(timings: dict[str, float], key: str):
     t = time.perf_counter()
     yield
     timings[key] = timings.get(key, 0.0) + time.perf_counter() - t
+
+
+@contextmanager
+def one_view(model: nn.Module):
+    """fastnet's flip test-time augmentation off for the block: one forward per image, as the network trained
+    (defenses that read per-sample losses or activations must see what training saw)."""
+    tta = getattr(model, "flip_tta", None)
+    if tta is not None:
+        model.flip_tta = False
+    try:
+        yield model
+    finally:
+        if tta is not None:
+            model.flip_tta = tta

@@ -110,12 +110,9 @@ class SplitClean:
     def from_config(cls, cfg: dict, guide=None, **objects):
         return cls(CGD.from_config(cfg, guide=guide), **cfg["defense"]["params"])
 
-    def clean_data(self, train: ImageSet, victim: TrainResult, context: Context, timings: dict):
+    def trusted_clean(self, train: ImageSet, victim: TrainResult, context: Context, timings: dict):
         s, _ = (self.cgd or CGD()).split_data(train, victim, context, timings)
-        if len(s.clean) < self.min_clean:
-            raise CGDError(f"{self.name}: CGD's split left {len(s.clean)} samples in D_c, fewer than the "
-                           f"{self.min_clean} it needs")
-        return np.asarray(s.clean, dtype=np.int64), s
+        return s.clean, s
 
 
 # ------------------------------------------------------------------------------------------------ scores

@@ -10,8 +10,6 @@ split-clean D_c."""
 from __future__ import annotations
 
 import copy
-import math
-from contextlib import contextmanager
 from typing import Callable
 
 import numpy as np
@@ -21,9 +19,10 @@ from torch import nn
 
 from .. import CGDError
 from ..data import ImageSet
-from ..tensors import augment, to_input
+from ..schema import check_types
+from ..tensors import AUGMENTS, augment, to_input
 from ..train import TrainResult
-from .base import DEFENSES, CleanDataDefense, Context, DefenseResult, timed
+from .base import DEFENSES, CleanDataDefense, Context, DefenseResult, one_view, timed
 from .guided import SplitClean
 
 Tensors = list[torch.Tensor]
@@ -106,19 +105,6 @@ def universal_perturbation(model: nn.Module, batches: list[tuple[torch.Tensor, t
     return delta.detach()
 
 
-@contextmanager
-def one_view(model: nn.Module):
-    """fastnet's flip test-time augmentation off for the block (one forward per image, as the model trained)."""
-    tta = getattr(model, "flip_tta", None)
-    if tta is not None:
-        model.flip_tta = False
-    try:
-        yield model
-    finally:
-        if tta is not None:
-            model.flip_tta = tta
-
-
 def clean_batches(train: ImageSet, indices: np.ndarray, batch_size: int, aug: str,
                   gen: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The clean samples, shuffled into (input, label) batches with `aug` applied once."""
@@ -148,7 +134,7 @@ class IBAU(CleanDataDefense):
     Budget: every setting is BackdoorBench's; none needed scaling for the 5 % oracle. One outer step costs 12–17
     training steps of the same batch (measured here, fastnet at 32 px, batch 256, a loaded machine: the k
     fixed-point iterations are double backward passes); at 17, 2,500 CIFAR-10 images (10 batches × 5 rounds)
-    cost ≈ 850 training steps of 256, ≈ 4.5 victim epochs, ≈ 0.4× the 12-epoch victim. `max_clean` (None: all)
+    cost ≈ 850 training steps of 256, ≈ 4.5 victim epochs, ≈ 0.4× the 12-epoch victim. `max_clean` (None or 0: all)
     caps the clean samples used, drawn with the run's seed; I-BAU-SC sets it (see there). `portion` 0.01 perturbs
     int(0.01 · 256) = 2 images of a batch.
 
@@ -167,25 +153,25 @@ class IBAU(CleanDataDefense):
     def __init__(self, n_rounds: int = 5, k: int = 5, lr: float = 1e-4, batch_size: int = 256,
                  inner_step: float = 0.1, perturbation_lr: float = 10.0, reg: float = 0.001, portion: float = 0.01,
                  augment: str = "flip", max_clean: int | None = None):
+        check_types(self.name, ints=dict(n_rounds=n_rounds, k=k, batch_size=batch_size, max_clean=max_clean),
+                    reals=dict(lr=lr, inner_step=inner_step, perturbation_lr=perturbation_lr, reg=reg,
+                               portion=portion), texts=dict(augment=augment))
         problems = [what for ok, what in [
             (n_rounds >= 0 and k >= 0, "n_rounds, k >= 0"),
-            (all(math.isfinite(v) and v > 0 for v in (lr, inner_step, perturbation_lr)),
-             "lr, inner_step, perturbation_lr > 0"),
-            (math.isfinite(reg) and reg >= 0, "reg >= 0"), (0 <= portion <= 1, "0 <= portion <= 1"),
-            (batch_size >= 1, "batch_size >= 1"), (max_clean is None or max_clean >= 1, "max_clean >= 1"),
-            (augment in ("none", "flip", "flip+translate"), "augment none|flip|flip+translate")] if not ok]
+            (min(lr, inner_step, perturbation_lr) > 0, "lr, inner_step, perturbation_lr > 0"),
+            (reg >= 0, "reg >= 0"), (0 <= portion <= 1, "0 <= portion <= 1"),
+            (batch_size >= 1, "batch_size >= 1"), (max_clean is None or max_clean >= 0, "max_clean >= 0"),
+            (augment in AUGMENTS, f"augment {'|'.join(AUGMENTS)}")] if not ok]
         if problems:
             raise CGDError(f"{self.name}: needs {'; '.join(problems)}")
         self.n_rounds, self.k, self.lr, self.batch_size = int(n_rounds), int(k), float(lr), int(batch_size)
         self.inner_step, self.perturbation_lr, self.reg = float(inner_step), float(perturbation_lr), float(reg)
         self.portion, self.augment = float(portion), augment
-        self.max_clean = None if max_clean is None else int(max_clean)
+        self.max_clean = max_clean or None  # 0 (what a --param can say) is all, as None
 
     def run(self, train: ImageSet, victim: TrainResult, context: Context) -> DefenseResult:
         timings: dict[str, float] = {}
         clean, split = self.clean_data(train, victim, context, timings)
-        if len(clean) == 0:
-            raise CGDError(f"{self.name}: no clean samples to unlearn with")
         gen = torch.Generator().manual_seed(context.seed)
         used = clean
         if self.max_clean is not None and len(clean) > self.max_clean:
@@ -237,7 +223,7 @@ class IBAUSC(SplitClean, IBAU):
     Same I-BAU settings, except the budget (issue 14: ≤ 2× the victim's training time): D_c holds ~70 % of the
     training set (≈ 35,000 CIFAR-10 images); all of it would cost ≈ 137 batches × 5 rounds × 17 ≈ 11,600 training
     steps, ≈ 5× the victim. `max_clean` defaults to **10,000** samples of D_c drawn with the run's seed (≈ 3,400
-    steps ≈ 1.5× the victim, with CGD's scoring ≈ 1.6×); `max_clean=None` uses all of D_c.
+    steps ≈ 1.5× the victim, with CGD's scoring ≈ 1.6×); `max_clean=None` or `0` (`--param max_clean=0`) uses all of D_c.
     """
 
     name = "i-bau-sc"

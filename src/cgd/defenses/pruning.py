@@ -19,7 +19,7 @@ from .. import CGDError
 from ..data import ImageSet
 from ..tensors import augment, predict_logits, to_input
 from ..train import TrainResult, make_optimizer
-from .base import DEFENSES, CleanDataDefense, Context, Defense, DefenseResult, timed
+from .base import DEFENSES, CleanDataDefense, Context, Defense, DefenseResult, one_view, timed
 from .guided import SplitClean
 
 
@@ -46,17 +46,12 @@ def bn_channel_entropy(model: nn.Module, images: np.ndarray, bin_width: float = 
         if isinstance(m, nn.BatchNorm2d)]
     if not hooks:
         raise CGDError("EP prunes BatchNorm2d channels: the model has no BatchNorm2d layer")
-    tta = getattr(model, "flip_tta", None)
     try:
-        model.eval()
-        if tta is not None:
-            model.flip_tta = False  # one view per image, as the network was trained
-        model(to_input(images))
+        with one_view(model.eval()):
+            model(to_input(images))
     finally:
         for h in hooks:
             h.remove()
-        if tta is not None:
-            model.flip_tta = tta
     out = {}
     for name, f in seen.items():
         std = f.std(1, keepdim=True)
