@@ -8,6 +8,7 @@ never used to choose.
     python benchmarks/ablate.py purify --attack sig
     python benchmarks/ablate.py window --attack ctrl
     python benchmarks/ablate.py unlearn --attack badnets --recipe cpu --name lam05 '{"lambda_un": 0.5}'
+    python benchmarks/ablate.py shift --attack bpp     # re-split by the loss shift after a first pass
     python benchmarks/ablate.py spectral --attack ctrl --root benchmarks/runs/bench2   # victims of another root
     python benchmarks/ablate.py window --demo benchmarks/runs/demo-fm --data fashion-mnist  # the demo's victim
 
@@ -259,6 +260,53 @@ def extra_rank(s: Split, ps, zfeats, scfg: dict) -> Split:
     return Split(clean, poison, mixed, s.guide_nll, s.model_nll, s.guide_rank, s.model_rank)
 
 
+def shift_variant(attack: str, base: str, overrides: dict, model_score: str, name: str,
+                  split_overrides: dict | None = None, shares=(0.02, 0.05, 0.1)) -> None:
+    """The loss shift: after one unlearning pass, each sample's NLL of its given label under the unlearned model
+    minus that under the victim. Unlearning D_p's poison generalises to the poison left outside D_p (its trigger
+    no longer earns the target label) while relearning D_c keeps the clean samples fit, so a large shift marks
+    poison the split missed. Prints the shift's AUROC against the poison mask (diagnosis) in each subset, then,
+    per share q, a second pass from the unlearned model on the split with the top-q shift of D_c ∪ mixed moved into
+    D_p, beside a second pass on the first split (equal steps)."""
+    ds, ps, victim, g, arch, feats, zfeats = setup(attack)
+    scfg = dict(defaults()["split"], model_score=model_score, **(split_overrides or {}))
+    s, how = run_split(victim, arch, ps, g, feats, zfeats, scfg)
+    g = s.guide_logits
+    s = extra_rank(s, ps, zfeats, scfg)
+    x, y, mask, k = ps.train.images, ps.train.labels, ps.poison_mask, ps.train.num_classes
+    cfg = recipe(base, **overrides)
+    probe, outside = train_asr_probe(ps), clean_outside_dc(ps, s)
+    r1 = unlearn(victim.model, x, y, s, g, cfg, k, extra_eval=probe)
+    before, after = nll(predict_logits(victim.model, x), y), nll(predict_logits(r1.model, x), y)
+    shift = after - before
+    parts = {"all": np.arange(len(y)), "clean": s.clean, "mixed": s.mixed, "poison": s.poison,
+             "outside_dp": np.setdiff1d(np.arange(len(y)), s.poison)}
+    det = {p: {"n": int(len(i)), "poisoned": int(mask[i].sum()),
+               "auroc_shift": auroc(shift[i], mask[i]) if 0 < mask[i].sum() < len(i) else None}
+           for p, i in parts.items()}
+    print("model score", how, "first pass", r1.history[-1], flush=True)
+    print("shift AUROC", det, flush=True)
+    rows = {"first pass": {"history": r1.history, "detection": detection_metrics(mask, s),
+                           "clean_outside_dc": outside(r1.model), "test": ca_asr(r1.model, ps, ds.test)}}
+    candidates = parts["outside_dp"]
+    order = candidates[np.argsort(-shift[candidates], kind="stable")]
+    for q in (0, *shares):
+        moved = order[:int(round(q * len(y)))]
+        s2 = Split(np.setdiff1d(s.clean, moved), np.union1d(s.poison, moved),
+                   np.setdiff1d(s.mixed, moved), s.guide_nll, s.model_nll, s.guide_rank, s.model_rank)
+        r2 = unlearn(r1.model, x, y, s2, g, cfg, k, extra_eval=probe)
+        key = f"second pass, top {q} of the shift into D_p" if q else "second pass, same split"
+        rows[key] = {"moved": int(len(moved)), "moved_poisoned": int(mask[moved].sum()),
+                     "detection": detection_metrics(mask, s2), "history": r2.history,
+                     "clean_outside_dc": clean_outside_dc(ps, s2)(r2.model), "test": ca_asr(r2.model, ps, ds.test)}
+        print(key, {kk: rows[key][kk] for kk in ("moved", "moved_poisoned")}, r2.history[-1], rows[key]["test"],
+              flush=True)
+    out = {"attack": attack, "recipe": base, "overrides": overrides, "model_score_resolved": how, "split": scfg,
+           "shift_auroc": det, "rows": rows, "victim_root": OPTS["root"] or OPTS["demo"],
+           "date": time.strftime("%Y-%m-%d %H:%M")}
+    write_json(ROOT / "results" / "ablation" / f"{tag(attack)}-shift-{name}.json", out)
+
+
 def spectral_table(attack: str) -> None:
     """Per class: AUROC against the training poison mask of the spectral score (squared projection on the top
     singular vector of the centred penultimate features of the final victim) and of the signed projection (skew
@@ -300,7 +348,7 @@ def spectral_table(attack: str) -> None:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["split", "purify", "window", "unlearn", "spectral"])
+    p.add_argument("what", choices=["split", "purify", "window", "unlearn", "spectral", "shift"])
     p.add_argument("--attack", default="badnets")
     p.add_argument("--recipe", default="cpu")
     p.add_argument("--model-score", default=defaults()["split"]["model_score"])
@@ -323,6 +371,9 @@ def main():
         window_table(a.attack)
     elif a.what == "spectral":
         spectral_table(a.attack)
+    elif a.what == "shift":
+        shift_variant(a.attack, a.recipe, json.loads(a.overrides), a.model_score, a.name or a.recipe,
+                      json.loads(a.split))
     else:
         unlearn_variant(a.attack, a.recipe, json.loads(a.overrides), a.model_score, a.name or a.recipe,
                         json.loads(a.split), a.oracle)
