@@ -261,13 +261,15 @@ def extra_rank(s: Split, ps, zfeats, scfg: dict) -> Split:
 
 
 def shift_variant(attack: str, base: str, overrides: dict, model_score: str, name: str,
-                  split_overrides: dict | None = None, shares=(0.02, 0.05, 0.1)) -> None:
+                  split_overrides: dict | None = None, shares=(0.02, 0.05, 0.1), thresholds=(),
+                  starts=("unlearned",)) -> None:
     """The loss shift: after one unlearning pass, each sample's NLL of its given label under the unlearned model
     minus that under the victim. Unlearning D_p's poison generalises to the poison left outside D_p (its trigger
     no longer earns the target label) while relearning D_c keeps the clean samples fit, so a large shift marks
     poison the split missed. Prints the shift's AUROC against the poison mask (diagnosis) in each subset, then,
-    per share q, a second pass from the unlearned model on the split with the top-q shift of D_c ∪ mixed moved into
-    D_p, beside a second pass on the first split (equal steps)."""
+    per share q (or shift threshold t), a second pass on the split with the top-q shift (or shift > t) of D_c ∪ mixed
+    moved into D_p, beside a second pass on the first split (equal steps); each from the unlearned model
+    ("unlearned") and/or again from the victim ("victim": the first pass only finds what to move)."""
     ds, ps, victim, g, arch, feats, zfeats = setup(attack)
     scfg = dict(defaults()["split"], model_score=model_score, **(split_overrides or {}))
     s, how = run_split(victim, arch, ps, g, feats, zfeats, scfg)
@@ -285,17 +287,27 @@ def shift_variant(attack: str, base: str, overrides: dict, model_score: str, nam
                "auroc_shift": auroc(shift[i], mask[i]) if 0 < mask[i].sum() < len(i) else None}
            for p, i in parts.items()}
     print("model score", how, "first pass", r1.history[-1], flush=True)
+    out_dp = parts["outside_dp"]
+    dump = ROOT / "runs" / "shift" / f"{tag(attack)}-{name}.npz"  # for one-off looks at the distribution
+    dump.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(dump, shift=shift, before=before, after=after, mask=mask, labels=y,
+             subset=s.subset_names().astype(str), model_rank=s.model_rank, guide_rank=s.guide_rank)
+    for t in (0.5, 1.0, 2.0, 3.0):
+        above = out_dp[shift[out_dp] > t]
+        det["outside_dp"][f"above_{t}"] = {"n": int(len(above)), "poisoned": int(mask[above].sum())}
     print("shift AUROC", det, flush=True)
     rows = {"first pass": {"history": r1.history, "detection": detection_metrics(mask, s),
                            "clean_outside_dc": outside(r1.model), "test": ca_asr(r1.model, ps, ds.test)}}
     candidates = parts["outside_dp"]
     order = candidates[np.argsort(-shift[candidates], kind="stable")]
-    for q in (0, *shares):
-        moved = order[:int(round(q * len(y)))]
+    cuts = [("top", q, order[:int(round(q * len(y)))]) for q in (0, *shares)]
+    cuts += [("shift >", t, out_dp[shift[out_dp] > t]) for t in thresholds]
+    for (how_cut, q, moved), start in ((c, m) for c in cuts for m in starts):
         s2 = Split(np.setdiff1d(s.clean, moved), np.union1d(s.poison, moved),
                    np.setdiff1d(s.mixed, moved), s.guide_nll, s.model_nll, s.guide_rank, s.model_rank)
-        r2 = unlearn(r1.model, x, y, s2, g, cfg, k, extra_eval=probe)
-        key = f"second pass, top {q} of the shift into D_p" if q else "second pass, same split"
+        r2 = unlearn(r1.model if start == "unlearned" else victim.model, x, y, s2, g, cfg, k, extra_eval=probe)
+        key = (f"{'second pass' if start == 'unlearned' else 'from the victim'}, "
+               + (f"{how_cut} {q} of the shift into D_p" if q else "same split"))
         rows[key] = {"moved": int(len(moved)), "moved_poisoned": int(mask[moved].sum()),
                      "detection": detection_metrics(mask, s2), "history": r2.history,
                      "clean_outside_dc": clean_outside_dc(ps, s2)(r2.model), "test": ca_asr(r2.model, ps, ds.test)}
@@ -360,6 +372,10 @@ def main():
     p.add_argument("--split", default="{}", help="JSON of split overrides for `unlearn` (e.g. spectral_dp)")
     p.add_argument("--oracle", default="none", choices=["none", "dc", "dp"],
                    help="DIAGNOSIS ONLY: move the known poison out of D_c (dc) or into D_p (dp)")
+    p.add_argument("--shares", type=float, nargs="*", default=[0.02, 0.05, 0.1], help="shift: top shares moved")
+    p.add_argument("--thresholds", type=float, nargs="*", default=[], help="shift: thresholds of the shift")
+    p.add_argument("--starts", nargs="*", default=["unlearned"], choices=["unlearned", "victim"],
+                   help="shift: the second pass continues the unlearned model or starts again from the victim")
     p.add_argument("overrides", nargs="?", default="{}", help="JSON of UnlearnConfig overrides")
     a = p.parse_intermixed_args()
     OPTS.update(root=a.root, demo=a.demo, data=a.data, seed=a.seed)
@@ -373,7 +389,7 @@ def main():
         spectral_table(a.attack)
     elif a.what == "shift":
         shift_variant(a.attack, a.recipe, json.loads(a.overrides), a.model_score, a.name or a.recipe,
-                      json.loads(a.split))
+                      json.loads(a.split), tuple(a.shares), tuple(a.thresholds), tuple(a.starts))
     else:
         unlearn_variant(a.attack, a.recipe, json.loads(a.overrides), a.model_score, a.name or a.recipe,
                         json.loads(a.split), a.oracle)
