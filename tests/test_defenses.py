@@ -109,6 +109,22 @@ def test_fp_needs_clean_data(poisoned, victim):
         defenses.get("fp").run(poisoned.train, victim, defenses.Context())
 
 
+def test_cgd_recheck_moves_what_the_first_pass_unfitted_and_unlearns_again(tiny, poisoned, victim):
+    """With `split.recheck` the first split's D_p is kept, the samples outside it whose label lost its fit join it,
+    and unlearning runs again on that split."""
+    from cgd.defenses.guided import CGD
+    from cgd.split import SplitConfig
+    from cgd.unlearn import recipe
+
+    guide = LabelGuide(tiny.train.labels, accuracy=0.6)
+    cgd = CGD(guide, split=SplitConfig(recheck=1e-6, refine_rounds=0, purify=0.0), unlearn=recipe("cpu", min_steps=8))
+    first, _ = cgd.split_data(poisoned.train, victim, defenses.Context(), {})
+    r = cgd.run(poisoned.train, victim, defenses.Context())
+    moved = r.info["recheck"]["moved"]
+    assert set(first.poison) <= set(r.split.poison) and len(r.split.poison) - len(first.poison) == moved > 0
+    assert r.timings["recheck_s"] > 0 and sum(r.split.sizes().values()) == len(poisoned.train)
+
+
 def test_fp_sc_trains_on_cgds_split_clean(tiny, poisoned, tmp_path):
     cfg = tiny_cfg(**{"defense.name": "fp-sc", "defense.params.epochs": 2})
     run = tmp_path / "run"

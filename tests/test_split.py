@@ -3,7 +3,8 @@ import pytest
 
 from cgd import CGDError
 from cgd.split import (Split, auroc, detection_metrics, fill_clean_classes, history_window, nearest_neighbours,
-                       neighbour_poison_fraction, nll, oversample_clean, percentile_rank, purify, split, window_shares)
+                       neighbour_poison_fraction, nll, oversample_clean, percentile_rank, purify, recheck, split,
+                       window_shares)
 
 
 def test_percentile_rank_orders_and_averages_ties():
@@ -253,3 +254,22 @@ def test_neighbours_skip_the_own_group():
     assert not (groups[near] == groups[:, None]).any()
     with pytest.raises(CGDError, match="up to 5 are one group"):
         nearest_neighbours(f, k=96, groups=groups)
+
+
+def test_recheck_moves_the_samples_outside_dp_whose_label_lost_its_fit():
+    s = split(np.linspace(0, 1, 100), np.linspace(1, 0, 100) ** 2, sigma1=0.2, sigma2=0.1)
+    shift = np.zeros(100)
+    shift[[s.clean[0], s.clean[3], s.mixed[0], s.poison[0]]] = 2.0  # two in D_c, one mixed, one already in D_p
+    shift[s.clean[1]] = 0.69  # not above the threshold
+    r, flagged = recheck(s, shift, 0.69)
+    assert set(flagged) == {s.clean[0], s.clean[3], s.mixed[0]}
+    assert set(r.poison) == set(s.poison) | set(flagged) and not set(flagged) & (set(r.clean) | set(r.mixed))
+    assert len(r.clean) + len(r.poison) + len(r.mixed) == 100
+    assert r.info["recheck"] == {"threshold": 0.69, "moved": 3, "from_clean": 2}
+    assert len(recheck(s, -shift, 0.69)[1]) == 0  # samples fit better than before are never flagged
+    labels = np.zeros(100, int)
+    labels[s.clean[:3]] = 1  # class 1 has three samples in D_c, one of them flagged
+    r, flagged = recheck(s, shift, 0.69, labels, minimum=3)
+    assert set(flagged) == {s.clean[3], s.mixed[0]} and s.clean[0] in r.clean  # class 1 keeps its three
+    with pytest.raises(CGDError, match="loss shift"):
+        recheck(s, np.full(100, np.nan), 0.69)

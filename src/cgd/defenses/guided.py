@@ -18,7 +18,7 @@ from torch import nn
 from .. import CGDError
 from ..data import ImageSet
 from ..io import load_arrays, save_arrays
-from ..split import SplitConfig, nll, split_by
+from ..split import SplitConfig, nll, recheck, split_by
 from ..tensors import denormalize, predict_logits
 from ..train import TrainResult
 from ..unlearn import UnlearnConfig, recipe, unlearn
@@ -56,10 +56,20 @@ class CGD(Defense):
         res = unlearn(victim.model, train.images, train.labels, s, s.guide_logits, self.unlearn, train.num_classes,
                       extra_eval=context.extra_eval, groups=train.groups)
         timings["unlearn_s"] = res.seconds
+        if self.split.recheck:
+            with timed(timings, "recheck_s"):
+                shift = (nll(predict_logits(res.model, train.images, desc="recheck"), train.labels)
+                         - nll(predict_logits(victim.model, train.images, desc="recheck"), train.labels))
+                s, flagged = recheck(s, shift, self.split.recheck, train.labels, self.split.min_clean_per_class)
+                context.log(f"recheck: {len(flagged)} samples outside D_p lost their label's fit; split: {s.sizes()}")
+                if len(flagged):
+                    res = unlearn(victim.model, train.images, train.labels, s, s.guide_logits, self.unlearn,
+                                  train.num_classes, extra_eval=context.extra_eval, groups=train.groups)
         return DefenseResult(res.model, s, timings, {"model_score": how, "unlearn_history": res.history,
                                                      "stopped_early": res.stopped_early,
                                                      "skipped": s.info["skipped"],
-                                                     "window_shares": s.info.get("window_shares")})
+                                                     "window_shares": s.info.get("window_shares"),
+                                                     **({"recheck": s.info["recheck"]} if "recheck" in s.info else {})})
 
     def split_data(self, train: ImageSet, victim: TrainResult, context: Context, timings: dict[str, float]):
         """CGD's scoring stages alone (guide, model score, split; no unlearning): (the split, the model score
