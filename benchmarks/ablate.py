@@ -20,6 +20,7 @@ demo subset and settings) and writes `demo-<data>-*.json`.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import json
 import time
 from pathlib import Path
@@ -262,7 +263,7 @@ def extra_rank(s: Split, ps, zfeats, scfg: dict) -> Split:
 
 def shift_variant(attack: str, base: str, overrides: dict, model_score: str, name: str,
                   split_overrides: dict | None = None, shares=(0.02, 0.05, 0.1), thresholds=(),
-                  starts=("unlearned",)) -> None:
+                  starts=("unlearned",), crossfit: bool = False) -> None:
     """The loss shift: after one unlearning pass, each sample's NLL of its given label under the unlearned model
     minus that under the victim. Unlearning D_p's poison generalises to the poison left outside D_p (its trigger
     no longer earns the target label) while relearning D_c keeps the clean samples fit, so a large shift marks
@@ -281,6 +282,13 @@ def shift_variant(attack: str, base: str, overrides: dict, model_score: str, nam
     r1 = unlearn(victim.model, x, y, s, g, cfg, k, extra_eval=probe)
     before, after = nll(predict_logits(victim.model, x), y), nll(predict_logits(r1.model, x), y)
     shift = after - before
+    if crossfit:  # D_c's own shift from two probe passes that each relearn one half of D_c and leave the other out
+        halves = np.array_split(np.random.default_rng(0).permutation(s.clean), 2)
+        for mine, other in (halves, halves[::-1]):
+            sp = Split(np.sort(other), s.poison, np.union1d(s.mixed, mine), s.guide_nll, s.model_nll,
+                       s.guide_rank, s.model_rank)
+            rp = unlearn(victim.model, x, y, sp, g, replace(cfg, min_steps=cfg.min_steps // 2), k)
+            shift[mine] = nll(predict_logits(rp.model, x[mine]), y[mine]) - before[mine]
     parts = {"all": np.arange(len(y)), "clean": s.clean, "mixed": s.mixed, "poison": s.poison,
              "outside_dp": np.setdiff1d(np.arange(len(y)), s.poison)}
     det = {p: {"n": int(len(i)), "poisoned": int(mask[i].sum()),
@@ -314,7 +322,7 @@ def shift_variant(attack: str, base: str, overrides: dict, model_score: str, nam
         print(key, {kk: rows[key][kk] for kk in ("moved", "moved_poisoned")}, r2.history[-1], rows[key]["test"],
               flush=True)
     out = {"attack": attack, "recipe": base, "overrides": overrides, "model_score_resolved": how, "split": scfg,
-           "shift_auroc": det, "rows": rows, "victim_root": OPTS["root"] or OPTS["demo"],
+           "crossfit": crossfit, "shift_auroc": det, "rows": rows, "victim_root": OPTS["root"] or OPTS["demo"],
            "date": time.strftime("%Y-%m-%d %H:%M")}
     write_json(ROOT / "results" / "ablation" / f"{tag(attack)}-shift-{name}.json", out)
 
@@ -376,6 +384,7 @@ def main():
     p.add_argument("--thresholds", type=float, nargs="*", default=[], help="shift: thresholds of the shift")
     p.add_argument("--starts", nargs="*", default=["unlearned"], choices=["unlearned", "victim"],
                    help="shift: the second pass continues the unlearned model or starts again from the victim")
+    p.add_argument("--crossfit", action="store_true", help="shift: D_c's shift from two half-D_c probe passes")
     p.add_argument("overrides", nargs="?", default="{}", help="JSON of UnlearnConfig overrides")
     a = p.parse_intermixed_args()
     OPTS.update(root=a.root, demo=a.demo, data=a.data, seed=a.seed)
@@ -389,7 +398,7 @@ def main():
         spectral_table(a.attack)
     elif a.what == "shift":
         shift_variant(a.attack, a.recipe, json.loads(a.overrides), a.model_score, a.name or a.recipe,
-                      json.loads(a.split), tuple(a.shares), tuple(a.thresholds), tuple(a.starts))
+                      json.loads(a.split), tuple(a.shares), tuple(a.thresholds), tuple(a.starts), a.crossfit)
     else:
         unlearn_variant(a.attack, a.recipe, json.loads(a.overrides), a.model_score, a.name or a.recipe,
                         json.loads(a.split), a.oracle)
