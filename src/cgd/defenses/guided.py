@@ -53,23 +53,30 @@ class CGD(Defense):
     def run(self, train: ImageSet, victim: TrainResult, context: Context) -> DefenseResult:
         timings: dict[str, float] = {}
         s, how = self.split_data(train, victim, context, timings)
-        res = unlearn(victim.model, train.images, train.labels, s, s.guide_logits, self.unlearn, train.num_classes,
-                      extra_eval=context.extra_eval, groups=train.groups)
+        res = self._unlearn(train, victim, s, context)
         timings["unlearn_s"] = res.seconds
+        info = {}
         if self.split.recheck:
             with timed(timings, "recheck_s"):
-                shift = (nll(predict_logits(res.model, train.images, desc="recheck"), train.labels)
-                         - nll(predict_logits(victim.model, train.images, desc="recheck"), train.labels))
-                s, flagged = recheck(s, shift, self.split.recheck, train.labels, self.split.min_clean_per_class)
-                context.log(f"recheck: {len(flagged)} samples outside D_p lost their label's fit; split: {s.sizes()}")
-                if len(flagged):
-                    res = unlearn(victim.model, train.images, train.labels, s, s.guide_logits, self.unlearn,
-                                  train.num_classes, extra_eval=context.extra_eval, groups=train.groups)
+                s, res, info = self._recheck(train, victim, s, res, context)
         return DefenseResult(res.model, s, timings, {"model_score": how, "unlearn_history": res.history,
                                                      "stopped_early": res.stopped_early,
                                                      "skipped": s.info["skipped"],
-                                                     "window_shares": s.info.get("window_shares"),
-                                                     **({"recheck": s.info["recheck"]} if "recheck" in s.info else {})})
+                                                     "window_shares": s.info.get("window_shares"), **info})
+
+    def _unlearn(self, train: ImageSet, victim: TrainResult, s, context: Context):
+        return unlearn(victim.model, train.images, train.labels, s, s.guide_logits, self.unlearn, train.num_classes,
+                       extra_eval=context.extra_eval, groups=train.groups)
+
+    def _recheck(self, train: ImageSet, victim: TrainResult, s, first, context: Context):
+        """`split.recheck`: the samples outside D_p whose given label the first pass unfitted join D_p
+        (`cgd.split.recheck`), and unlearning starts again from the victim on that split."""
+        shift = (nll(predict_logits(first.model, train.images, desc="recheck"), train.labels)
+                 - nll(predict_logits(victim.model, train.images, desc="recheck"), train.labels))
+        s, flagged = recheck(s, shift, self.split.recheck, train.labels, self.split.min_clean_per_class)
+        context.log(f"recheck: {len(flagged)} samples outside D_p lost their label's fit; split: {s.sizes()}")
+        res = self._unlearn(train, victim, s, context) if len(flagged) else first
+        return s, res, {"recheck": s.info["recheck"], "first_pass_history": first.history}
 
     def split_data(self, train: ImageSet, victim: TrainResult, context: Context, timings: dict[str, float]):
         """CGD's scoring stages alone (guide, model score, split; no unlearning): (the split, the model score
