@@ -20,9 +20,9 @@ demo subset and settings) and writes `demo-<data>-*.json`.
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +36,8 @@ from cgd.io import write_json
 from cgd.defenses.guided import guide_features, guide_logits, model_features, model_losses
 from cgd.pipeline import train_victim
 from cgd.tensors import predict_logits
-from cgd.split import (WINDOW_RULES, Split, SplitConfig, auroc, bimodality, detection_metrics, history_window, nll,
-                       per_class_rank, spectral_scores, split_by, window_shares)
+from cgd.split import (WINDOW_RULES, Split, SplitConfig, auroc, bimodality, detection_metrics, history_window,
+                       into_poison, nll, per_class_rank, spectral_scores, split_by, window_shares)
 from cgd.unlearn import recipe, unlearn
 
 ROOT = Path(__file__).resolve().parent
@@ -306,13 +306,11 @@ def shift_variant(attack: str, base: str, overrides: dict, model_score: str, nam
     print("shift AUROC", det, flush=True)
     rows = {"first pass": {"history": r1.history, "detection": detection_metrics(mask, s),
                            "clean_outside_dc": outside(r1.model), "test": ca_asr(r1.model, ps, ds.test)}}
-    candidates = parts["outside_dp"]
-    order = candidates[np.argsort(-shift[candidates], kind="stable")]
+    order = out_dp[np.argsort(-shift[out_dp], kind="stable")]
     cuts = [("top", q, order[:int(round(q * len(y)))]) for q in (0, *shares)]
     cuts += [("shift >", t, out_dp[shift[out_dp] > t]) for t in thresholds]
     for (how_cut, q, moved), start in ((c, m) for c in cuts for m in starts):
-        s2 = Split(np.setdiff1d(s.clean, moved), np.union1d(s.poison, moved),
-                   np.setdiff1d(s.mixed, moved), s.guide_nll, s.model_nll, s.guide_rank, s.model_rank)
+        s2 = into_poison(s, moved)
         r2 = unlearn(r1.model if start == "unlearned" else victim.model, x, y, s2, g, cfg, k, extra_eval=probe)
         key = (f"{'second pass' if start == 'unlearned' else 'from the victim'}, "
                + (f"{how_cut} {q} of the shift into D_p" if q else "same split"))

@@ -347,8 +347,13 @@ def recheck(s: Split, shift: np.ndarray, threshold: float, labels: np.ndarray | 
             flagged = np.setdiff1d(flagged, np.concatenate(keep))
     info = {**s.info, "recheck": {"threshold": threshold, "moved": int(len(flagged)),
                                   "from_clean": int(np.isin(flagged, s.clean).sum())}}
-    return replace(s, clean=np.setdiff1d(s.clean, flagged), poison=np.union1d(s.poison, flagged),
-                   mixed=np.setdiff1d(s.mixed, flagged), info=info), flagged
+    return replace(into_poison(s, flagged), info=info), flagged
+
+
+def into_poison(s: Split, indices: np.ndarray) -> Split:
+    """The split with `indices` moved into D_p (out of D_c and mixed); scores, guide logits and info kept."""
+    return replace(s, clean=np.setdiff1d(s.clean, indices), poison=np.union1d(s.poison, indices),
+                   mixed=np.setdiff1d(s.mixed, indices))
 
 
 def oversample_clean(clean_idx: np.ndarray, labels: np.ndarray, num_classes: int, seed: int = 0,
