@@ -125,11 +125,17 @@ def test_plant_adds_a_new_target_and_refuses_clean_label(data):
 
 # ---------------------------------------------------------------- the guide check
 
+# At the default 8/255 this toy Blend backdoor is marginal for the check: its shift was +0.55 on one machine and
+# +0.44 on another (float differences in training). At 12/255 it saturates (+0.72: every non-target image pulled to
+# the target) while the clean guide stays at 0.00, so the tests check at 12/255.
+TOY_EPS = 12 / 255
+
+
 def test_check_flags_the_poisoned_guide_and_passes_the_clean_one(aligned, blended, data):
     x, names = data[1].images[:64], data[1].class_names
-    bad = check_guide(sg.surrogate_guide(blended[0]), x, names)
+    bad = check_guide(sg.surrogate_guide(blended[0]), x, names, eps=TOY_EPS)
     assert bad.suspicious and bad.target == "green" and bad.shift >= 0.5, bad.summary()
-    good = check_guide(sg.surrogate_guide(aligned[0]), x, names)
+    good = check_guide(sg.surrogate_guide(aligned[0]), x, names, eps=TOY_EPS)
     assert not good.suspicious, good.summary()
     assert "SUSPICIOUS" in bad.summary() and "pass" in good.summary()
     assert sum(bad.shifts.values()) == pytest.approx(0.0, abs=1e-9)
@@ -194,7 +200,7 @@ def test_cli_guide_check(aligned, blended, data, tmp_path, capsys):
     save_npz(Dataset(data[0], data[1]), npz)
     bad = sg.save_surrogate(blended[0], tmp_path / "bad.safetensors")
     good = sg.save_surrogate(aligned[0], tmp_path / "good.safetensors")
-    args = ["guide", "check", "--guide", "surrogate", "--data", str(npz), "--images", "64"]
+    args = ["guide", "check", "--guide", "surrogate", "--data", str(npz), "--images", "64", "--eps", "12/255"]
     assert cli.main(args + ["--param", f"path={bad}", "--param", "cache=false"]) == 3
     out = capsys.readouterr().out
     assert "SUSPICIOUS" in out and "'green'" in out
