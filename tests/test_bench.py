@@ -12,7 +12,7 @@ from cgd.data import save_npz
 from cgd.unlearn import RECIPES
 
 
-def test_bench_cells_resume_and_a_changed_recipe_is_a_new_cell(tiny, tmp_path, monkeypatch):
+def test_bench_cells_resume_and_a_changed_recipe_is_a_new_cgd_cell(tiny, tmp_path, monkeypatch):
     save_npz(tiny, tmp_path / "tiny.npz")
     monkeypatch.setattr(bench, "defend", functools.partial(pipeline.defend, guide=LabelGuide(tiny.train.labels)))
     root, data = tmp_path / "bench", str(tmp_path / "tiny.npz")
@@ -27,9 +27,10 @@ def test_bench_cells_resume_and_a_changed_recipe_is_a_new_cell(tiny, tmp_path, m
     assert bench.run_benchmark(["badnets"], tiny_cfg(), root, **quiet) == []  # finished cells are not recomputed
     assert "| badnets | cgd-cpu |" in bench.results_table(root / "results")
     # the same recipe name with a different definition must not reuse the old cell
+    # ...and the no-defense cell, which depends on the victim alone, is not written twice
     again = bench.run_benchmark(["badnets"], tiny_cfg(**{"unlearn.overrides.label_smoothing": 0.0}), root, **quiet)
-    assert len(again) == 2
-    assert json.loads(again[1].read_text())["unlearn_config"]["label_smoothing"] == 0.0
+    assert [p.name.split("-", 3)[3] for p in again] == ["badnets-cgd-cpu.json"]
+    assert json.loads(again[0].read_text())["unlearn_config"]["label_smoothing"] == 0.0
     # a victim trained again (a fresh checkout caches none) is another victim: new cells beside the old ones
     shutil.rmtree(root / "runs" / "badnets" / "victim")
     before = sorted((root / "results").glob("*.json"))

@@ -41,6 +41,9 @@ def _cpu() -> str:
     return f"{platform.machine()} / {torch.backends.cpu.get_cpu_capability()}"
 
 
+VICTIM_SECTIONS = ("seed", "data", "attack", "victim")  # what the poisoned set and the victim are made from
+
+
 def _find(results: Path, attack: str, defense: str, key: str, victim_s: float | None = None) -> Path | None:
     """A finished cell of this configuration (`key`) — and, given `victim_s`, of this very victim (its training
     seconds, as the cell recorded them): a victim trained again (a fresh checkout has none cached) makes new cells."""
@@ -90,6 +93,8 @@ def run_benchmark(attack_names: list[str], cfg: dict, root: Path, data: str = "c
                         data=dict(cfg["data"], spec=data))
         spelled = explicit(cell_cfg)
         key = hashlib.sha256(dumps_toml(spelled).encode()).hexdigest()[:12]
+        # the no-defense cell depends on the victim alone: a run with other split or unlearning settings reuses it
+        victim_key = hashlib.sha256(dumps_toml({k: spelled[k] for k in VICTIM_SECTIONS}).encode()).hexdigest()[:12]
         common = {"attack": name, "attack_params": atk.params(), "poisoned": int(ps.poison_mask.sum()),
                   "config_hash": key, "unlearn_config": spelled["unlearn"]["overrides"], "git_commit": _commit(),
                   "cores": torch.get_num_threads(),
@@ -100,9 +105,10 @@ def run_benchmark(attack_names: list[str], cfg: dict, root: Path, data: str = "c
         victim = train_victim(ps.train.images, ps.train.labels, ds.train.num_classes, train_config(cfg),
                               run / "victim", cfg["victim"]["arch"], cfg["victim"]["arch_params"],
                               class_names=ds.class_names)
-        if _find(results, name, "none", key, victim.seconds) is None:
+        if _find(results, name, "none", victim_key, victim.seconds) is None:
             r = ca_asr(victim.model, ps, ds.test)
-            cell = {**common, "defense": "none", **r, "victim_train_s": victim.seconds, "date": today}
+            cell = {**common, "config_hash": victim_key, "defense": "none", **r, "victim_train_s": victim.seconds,
+                    "date": today}
             written.append(write_json(_new_cell(results, name, "none"), cell))
             log(f"{name} no defense: CA {r['ca']:.4f} ASR {r['asr']:.4f} ({victim.seconds:.0f} s victim)")
         if not with_cgd:
