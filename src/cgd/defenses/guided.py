@@ -71,8 +71,11 @@ class CGD(Defense):
     def _recheck(self, train: ImageSet, victim: TrainResult, s, first, context: Context):
         """`split.recheck`: the samples outside D_p whose given label the first pass unfitted join D_p
         (`cgd.split.recheck`), and unlearning starts again from the victim on that split."""
-        shift = (nll(predict_logits(first.model, train.images, desc="recheck"), train.labels)
-                 - nll(predict_logits(victim.model, train.images, desc="recheck"), train.labels))
+        outside = np.setdiff1d(np.arange(len(train.labels)), s.poison)  # D_p's own shifts are never read
+        x, y = train.images[outside], train.labels[outside]
+        shift = np.zeros(len(train.labels))
+        shift[outside] = (nll(predict_logits(first.model, x, desc="recheck (unlearned)"), y)
+                          - nll(predict_logits(victim.model, x, desc="recheck (victim)"), y))
         s, flagged = recheck(s, shift, self.split.recheck, train.labels, self.split.min_clean_per_class)
         context.log(f"recheck: {len(flagged)} samples outside D_p lost their label's fit; split: {s.sizes()}")
         res = self._unlearn(train, victim, s, context) if len(flagged) else first
