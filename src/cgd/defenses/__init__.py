@@ -10,6 +10,9 @@ from .guided import CGD, defend  # (importing registers "cgd")
 from .pruning import EP, FP, FPSC  # (registers "ep", "fp", "fp-sc")
 from .abl import ABL  # (registers "abl")
 from .ibau import IBAU, IBAUSC  # (registers "i-bau", "i-bau-sc")
+from .mcr import MCR, MCRSC  # (registers "mcr", "mcr-sc")
+from .reback import ReBack  # (registers "reback")
+from .anp import ANP, ANPSC  # (registers "anp", "anp-sc")
 
-__all__ = ["ABL", "CGD", "DEFENSES", "EP", "FP", "FPSC", "IBAU", "IBAUSC", "Context", "Defense", "DefenseResult",
-           "defend", "get", "list"]
+__all__ = ["ABL", "ANP", "ANPSC", "CGD", "DEFENSES", "EP", "FP", "FPSC", "IBAU", "IBAUSC", "MCR", "MCRSC", "ReBack", "Context", "Defense",
+           "DefenseResult", "defend", "get", "list"]
