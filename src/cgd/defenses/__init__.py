@@ -13,6 +13,7 @@ from .ibau import IBAU, IBAUSC  # (registers "i-bau", "i-bau-sc")
 from .mcr import MCR, MCRSC  # (registers "mcr", "mcr-sc")
 from .reback import ReBack  # (registers "reback")
 from .anp import ANP, ANPSC  # (registers "anp", "anp-sc")
+from .pipd import PIPD  # (registers "pipd")
 
-__all__ = ["ABL", "ANP", "ANPSC", "CGD", "DEFENSES", "EP", "FP", "FPSC", "IBAU", "IBAUSC", "MCR", "MCRSC", "ReBack", "Context", "Defense",
+__all__ = ["ABL", "ANP", "ANPSC", "CGD", "DEFENSES", "EP", "FP", "FPSC", "IBAU", "IBAUSC", "MCR", "MCRSC", "PIPD", "ReBack", "Context", "Defense",
            "DefenseResult", "defend", "get", "list"]
