@@ -53,3 +53,22 @@ def test_the_results_table_takes_a_split_made_without_a_guide(tmp_path):
     (tmp_path / "2026-12-03-sig-abl.json").write_text(json.dumps(cell))
     table = bench.results_table(tmp_path)
     assert "| sig | abl | 0.8000 | 0.1000 |" in table and "– / 0.700" in table
+
+
+def test_clean_control_cell_runs_without_poison(tiny, tmp_path, monkeypatch):
+    """`cgd bench --attacks clean`: the training set as given (what CGD costs on clean data); detection rates
+    are undefined (no poison) and say so instead of failing."""
+    from cgd import attacks
+
+    ps = attacks.get("clean", target=0, rate=0.05, seed=0).poison(tiny.train)
+    assert not ps.poison_mask.any() and (ps.train.labels == tiny.train.labels).all()
+    assert (ps.train.images == tiny.train.images).all()
+    assert (ps.trigger(tiny.test.images[:2])[:, -3:, -3:] == 255).all()  # BadNets' patch, for the ASR column
+    save_npz(tiny, tmp_path / "tiny.npz")
+    monkeypatch.setattr(bench, "defend", functools.partial(pipeline.defend, guide=LabelGuide(tiny.train.labels)))
+    written = bench.run_benchmark(["clean"], tiny_cfg(), tmp_path / "bench", data=str(tmp_path / "tiny.npz"),
+                                  log=lambda s: None)
+    cell = json.loads(next(p for p in written if "cgd" in p.name).read_text())
+    assert cell["poisoned"] == 0 and cell["detection"]["poison_in_clean"] == 0
+    assert cell["detection"]["tpr"] is None  # undefined (NaN, written as null): no poison to find
+    assert 0 <= cell["ca"] <= 1 and cell["before"]["ca"] > 0.5

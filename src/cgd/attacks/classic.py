@@ -26,6 +26,18 @@ class BadNets(Attack):
         return out
 
 
+@ATTACKS.register("clean")
+class Clean(BadNets):
+    """No poison: the training set as given — the control for what a defense costs on clean data. Its test trigger
+    is BadNets' patch, so the ASR column reads a clean model's response to a patch it never learned (`rate` is
+    ignored)."""
+
+    name = "clean"
+
+    def count(self, n_total: int, n_pool: int) -> int:
+        return 0
+
+
 @ATTACKS.register("blend")
 class Blend(Attack):
     """The whole image blended with a fixed random pattern, x' = (1-α)x + α·pattern (α = 0.2)."""

@@ -30,6 +30,7 @@ from .abl import fresh_model, run_epoch
 from .base import DEFENSES, Context, Defense, DefenseResult, timed
 
 COSINE_T_MAX = 100  # BackdoorBench's CosineAnnealingLR(T_max=100), stepped once per SD epoch (both SD stages)
+BR_LR_DIVISOR = 400  # br_lr = lr / 400 by default (1e-3 for fastnet's 0.4; see the class docstring)
 
 
 # ------------------------------------------------------------------------------------------------ pure tensors
@@ -160,13 +161,21 @@ class DBR(Defense):
     batch 512 at ≈ 500 img/s for fastnet 32 px training; the benchmark records the seconds). BackdoorBench's full
     2 + 10 / 20 would be ≈ 17.5 epochs (≈ 1.2–1.7×); the halved BR keeps a margin beside other jobs.
 
-    Learning rates, carried over by the victim recipe's lr as ABL's (see `ABL`): BackdoorBench's SD lr 0.01 and
-    BR lr 1e-4 are 1 and 1/100 of its PreActResNet18 victim recipe's lr (0.01); here `lr` defaults to the victim
-    recipe's peak lr (`victim.lr`, 0.4 for fastnet, set by `from_config`) and `br_lr` to lr / 100 (0.004). Measured
-    on a fastnet CIFAR-10 victim (CTRL, 0.4 lr, label smoothing 0.2), BackdoorBench's absolute 1e-4 barely moves
-    it (see the helper's report in docs/baselines.md); `br_lr=1e-4` gives the literal setting.
+    Learning rates. BackdoorBench's SD lr 0.01 is its PreActResNet18 victim recipe's lr; `lr` is tied to our victim
+    network the same way, as ABL's (see `ABL`): the victim recipe's peak lr (`victim.lr`, 0.4 for fastnet, set by
+    `from_config`). BR's 1e-4 (1/100 of that recipe's 0.01) carries over *not* by the same ratio: `br_lr` defaults
+    to **lr / 400** (1e-3 for fastnet). Measured by BR alone on a CIFAR-10 fastnet victim (CTRL, benchmarks/runs/
+    ctrl; D_p its 2,500 poisoned images, D_c 10,000 random clean ones; the defense's own BR losses per epoch,
+    10 epochs): at lr / 100 (4e-3) the ascent diverges — the relearning CE on D_c climbs from 0.62 to 82 and the
+    weights move 4× their norm (test CA also recorded: 0.86 → 0.13); at BackdoorBench's literal 1e-4 it hardly
+    unlearns — D_p's ascended CE 2.4 → 4.7, weights 2.9 % (test ASR 0.99 → 0.94); at 1e-3 D_p's CE rises
+    steadily (2.9 → 38) while D_c's stays at 0.48–0.56 (test ASR 0.00 from epoch 4, CA 0.86 → 0.82). fastnet's
+    recipe (label smoothing, scaled logits, a linear-decay schedule peaking at 0.4) makes its lr no measure of
+    the steps ascent tolerates. `br_lr=1e-4` gives the literal setting.
 
     Other deviations from the reference:
+    - SD's features go through a ReLU (`sd_features`): fastnet's max-pooled GELU features can be negative, which
+      lets L_intra reach a degenerate floor below the reference networks' (non-negative features); see there.
     - BR's augmentation: the victim recipe's (`augment`, "flip" by default; `from_config` takes the victim's),
       not BackdoorBench's random crop (padding 4) + flip, as ABL and ReBack here.
     - FCT is computed once, and D_c / D_p are exact shares of its ranking. BackdoorBench computes it twice with
@@ -207,7 +216,7 @@ class DBR(Defense):
         self.clean_ratio, self.poison_ratio = float(clean_ratio), float(poison_ratio)
         self.degrees, self.translate = float(degrees), float(translate)
         self.lr = float(lr) if lr is not None else TrainConfig().lr
-        self.br_lr = float(br_lr) if br_lr is not None else self.lr / 100
+        self.br_lr = float(br_lr) if br_lr is not None else self.lr / BR_LR_DIVISOR
         self.momentum, self.weight_decay = float(momentum), float(weight_decay)
         self.batch_size, self.augment = int(batch_size), augment
 
