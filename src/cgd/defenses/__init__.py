@@ -14,6 +14,7 @@ from .mcr import MCR, MCRSC  # (registers "mcr", "mcr-sc")
 from .reback import ReBack  # (registers "reback")
 from .anp import ANP, ANPSC  # (registers "anp", "anp-sc")
 from .pipd import PIPD  # (registers "pipd")
+from .dbr import DBR  # (registers "d-br")
 
-__all__ = ["ABL", "ANP", "ANPSC", "CGD", "DEFENSES", "EP", "FP", "FPSC", "IBAU", "IBAUSC", "MCR", "MCRSC", "PIPD", "ReBack", "Context", "Defense",
+__all__ = ["ABL", "ANP", "ANPSC", "CGD", "DBR", "DEFENSES", "EP", "FP", "FPSC", "IBAU", "IBAUSC", "MCR", "MCRSC", "PIPD", "ReBack", "Context", "Defense",
            "DefenseResult", "defend", "get", "list"]

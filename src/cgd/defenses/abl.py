@@ -147,6 +147,7 @@ class ABL(Defense):
     """
 
     name = "abl"
+    from_victim = ("lr",)
 
     def __init__(self, tuning_epochs: int = 5, finetuning_epochs: int = 10, unlearning_epochs: int = 5,
                  isolation_ratio: float = 0.01, ascent: str = "flooding", gamma: float = 0.5,
@@ -176,11 +177,6 @@ class ABL(Defense):
         self.momentum, self.weight_decay = float(momentum), float(weight_decay)
         self.batch_size, self.augment = int(batch_size), augment
 
-    @classmethod
-    def from_config(cls, cfg: dict, **objects) -> "ABL":
-        params = dict(cfg["defense"]["params"])
-        params.setdefault("lr", cfg["victim"]["lr"])
-        return cls(**params)
 
     def settings(self) -> dict:
         return {"epochs": [self.tuning_epochs, self.finetuning_epochs, self.unlearning_epochs],

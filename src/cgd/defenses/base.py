@@ -56,10 +56,11 @@ class Defense:
     the run's dict config (parsed into typed settings there, once)."""
 
     name = "base"
+    from_victim: tuple[str, ...] = ()  # settings taken from the run's victim recipe unless `defense.params` sets them
 
     @classmethod
     def from_config(cls, cfg: dict, **objects) -> "Defense":
-        return cls(**cfg["defense"]["params"])
+        return cls(**{**{k: cfg["victim"][k] for k in cls.from_victim}, **cfg["defense"]["params"]})
 
     def run(self, train: ImageSet, victim: TrainResult, context: Context) -> DefenseResult:
         raise NotImplementedError

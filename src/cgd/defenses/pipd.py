@@ -226,6 +226,7 @@ class PIPD(Defense):
     """
 
     name = "pipd"
+    from_victim = ("lr", "augment")
 
     def __init__(self, rounds: int = 5, channel_ratio: float = 0.04, sigmas: float = 3.0,
                  poison_preset: float = 0.01, clean_preset: float = 0.2, preset_model: str = "snapshot",
@@ -261,12 +262,6 @@ class PIPD(Defense):
         self.momentum, self.weight_decay = float(momentum), float(weight_decay)
         self.batch_size, self.augment = int(batch_size), augment
 
-    @classmethod
-    def from_config(cls, cfg: dict, **objects) -> "PIPD":
-        params = dict(cfg["defense"]["params"])
-        params.setdefault("lr", cfg["victim"]["lr"])
-        params.setdefault("augment", cfg["victim"]["augment"])
-        return cls(**params)
 
     def settings(self) -> dict:
         return {"rounds": self.rounds, "channel_ratio": self.channel_ratio, "sigmas": self.sigmas,

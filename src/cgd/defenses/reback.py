@@ -295,6 +295,7 @@ class ReBack(Defense):
     """
 
     name = "reback"
+    from_victim = ("augment",)
 
     def __init__(self, k: int = 100, n: int = 50, upsilon: float = 5.0, patch_threshold: float = 0.2,
                  outlier_sigmas: float = 2.5, tolerance: float = 0.0, success_asr: float = 0.7,
@@ -324,11 +325,6 @@ class ReBack(Defense):
         self.momentum, self.weight_decay = float(momentum), float(weight_decay)
         self.batch_size, self.augment = int(batch_size), augment
 
-    @classmethod
-    def from_config(cls, cfg: dict, **objects) -> "ReBack":
-        params = dict(cfg["defense"]["params"])
-        params.setdefault("augment", cfg["victim"]["augment"])
-        return cls(**params)
 
     def settings(self) -> dict:
         return {"k": self.k, "n": self.n, "upsilon_threshold": self.upsilon, "success_asr": self.success_asr,
