@@ -16,5 +16,5 @@ from .anp import ANP, ANPSC  # (registers "anp", "anp-sc")
 from .pipd import PIPD  # (registers "pipd")
 from .dbr import DBR  # (registers "d-br")
 
-__all__ = ["ABL", "ANP", "ANPSC", "CGD", "DBR", "DEFENSES", "EP", "FP", "FPSC", "IBAU", "IBAUSC", "MCR", "MCRSC", "PIPD", "ReBack", "Context", "Defense",
-           "DefenseResult", "defend", "get", "list"]
+__all__ = ["ABL", "ANP", "ANPSC", "CGD", "DBR", "DEFENSES", "EP", "FP", "FPSC", "IBAU", "IBAUSC", "MCR", "MCRSC", "PIPD",
+           "ReBack", "Context", "Defense", "DefenseResult", "defend", "get", "list"]

@@ -177,7 +177,6 @@ class ABL(Defense):
         self.momentum, self.weight_decay = float(momentum), float(weight_decay)
         self.batch_size, self.augment = int(batch_size), augment
 
-
     def settings(self) -> dict:
         return {"epochs": [self.tuning_epochs, self.finetuning_epochs, self.unlearning_epochs],
                 "isolation_ratio": self.isolation_ratio, "ascent": self.ascent,

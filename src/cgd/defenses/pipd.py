@@ -262,7 +262,6 @@ class PIPD(Defense):
         self.momentum, self.weight_decay = float(momentum), float(weight_decay)
         self.batch_size, self.augment = int(batch_size), augment
 
-
     def settings(self) -> dict:
         return {"rounds": self.rounds, "channel_ratio": self.channel_ratio, "sigmas": self.sigmas,
                 "presets": [self.poison_preset, self.clean_preset], "skip_convs": self.skip_convs,

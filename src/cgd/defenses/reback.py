@@ -325,7 +325,6 @@ class ReBack(Defense):
         self.momentum, self.weight_decay = float(momentum), float(weight_decay)
         self.batch_size, self.augment = int(batch_size), augment
 
-
     def settings(self) -> dict:
         return {"k": self.k, "n": self.n, "upsilon_threshold": self.upsilon, "success_asr": self.success_asr,
                 "epochs": self.epochs, "lr": self.lr, "stamp_share": self.stamp_share, "augment": self.augment}
