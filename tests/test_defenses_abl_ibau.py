@@ -20,9 +20,9 @@ from test_pipeline import tiny_cfg
 
 
 
-def faint(n: int, seed: int, size: int = 16) -> ImageSet:
-    """Four classes told apart only by where a faint grey square (+12 on noise 0..150) sits: slow to learn, so a
-    BadNets trigger (a white 3×3 corner) is the easiest thing in the data, the premise ABL's isolation rests on.
+def faint(n: int, seed: int, size: int = 16, contrast: int = 12) -> ImageSet:
+    """Four classes told apart only by where a faint grey square (+`contrast` on noise 0..150) sits: slow to learn,
+    so a BadNets trigger (a white 3×3 corner) is the easiest thing in the data, the premise ABL's isolation rests on.
     (conftest's `synthetic` classes are as easy as the trigger: there a clean class can sink below the poison.)"""
     rng = np.random.default_rng(seed)
     labels = np.arange(n) % 4
@@ -30,7 +30,7 @@ def faint(n: int, seed: int, size: int = 16) -> ImageSet:
     x = rng.integers(0, 150, size=(n, size, size, 3)).astype(np.int16)
     for c in range(4):
         r0, c0 = 2 + 5 * (c % 2), 2 + 5 * (c // 2)
-        x[labels == c, r0:r0 + 5, c0:c0 + 5, :] += 12
+        x[labels == c, r0:r0 + 5, c0:c0 + 5, :] += contrast
     return ImageSet(np.clip(x, 0, 255).astype(np.uint8), labels.astype(np.int64), ["a", "b", "c", "d"])
 
 

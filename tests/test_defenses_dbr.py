@@ -16,6 +16,7 @@ from cgd.tensors import accuracy, normalize
 from cgd.train import TrainResult
 
 from conftest import TINY_NET, synthetic
+from test_defenses_abl_ibau import faint
 from test_defenses_reback import tiny_victim
 from test_pipeline import tiny_cfg
 
@@ -25,14 +26,7 @@ def squares(n: int, seed: int, size: int = 16) -> ImageSet:
     them (≈ 98 % in 8 epochs) but two epochs without augmentation — SD's network — learn the BadNets corner much
     more than them, D-BR's premise. (On `faint` the victim stays near 35 %; on `synthetic`'s bright blobs the
     rotation moves the clean evidence as much as the trigger and FCT does not rank the poison.)"""
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n) % 4
-    rng.shuffle(labels)
-    x = rng.integers(0, 150, size=(n, size, size, 3)).astype(np.int16)
-    for c in range(4):
-        r0, c0 = 2 + 5 * (c % 2), 2 + 5 * (c // 2)
-        x[labels == c, r0:r0 + 5, c0:c0 + 5, :] += 30
-    return ImageSet(np.clip(x, 0, 255).astype(np.uint8), labels.astype(np.int64), ["a", "b", "c", "d"])
+    return faint(n, seed, size, contrast=30)
 
 
 # tiny data, few steps: SD at lr 0.2 (the tiny victim recipe's; BackdoorBench's 0.01 leaves FCT AUROC near 0.67 in
