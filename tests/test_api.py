@@ -106,11 +106,14 @@ def test_the_examples_in_docs_api_md_run(tmp_path, monkeypatch):
     assert metrics["defense"] == "cgd" and metrics["sizes"]["clean"] > 0 and "ca" in metrics["after"]
 
 
-@pytest.mark.parametrize("module, some", [("attacks", "badnets"), ("guides", "imagenet-text"), ("models", "fastnet")])
+@pytest.mark.parametrize("module, some", [("attacks", "badnets"), ("guides", "imagenet-text"), ("models", "fastnet"),
+                                          ("purifiers", "par")])
 def test_every_registry_lists_alike_with_a_filter_and_a_summary_each(module, some):
     import importlib
 
     mod = importlib.import_module(f"cgd.{module}")
+    with pytest.raises(CGDError, match="no_such_param"):
+        mod.get(some, no_such_param=1)  # one clear error, not a TypeError from the constructor
     every = mod.list()
     assert some in every and list(every) == sorted(every)
     assert all(isinstance(v, str) and v and "\n" not in v for v in every.values())  # a one-line summary each

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cgd import CGDError, cli, guides
+from cgd import CGDError, cli, guides, purifiers
 from cgd.data import Dataset, save_npz
 from cgd.guides import surrogate as sg
 from cgd.purifiers import (StageConfig, align, attack_success_rate, check_guide, fine_tune, label_aware_clip_loss,
@@ -211,3 +211,111 @@ def test_cli_guide_check(aligned, blended, data, tmp_path, capsys):
     assert cli.main(args + ["--param", f"path={good}", "--eps", "8/0"]) == 1
     assert cli.main(["guide", "check", "--guide", "surrogate", "--data", str(npz), "--images", "-1"]) == 1
     assert "--images must be at least 2" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the purifiers
+
+def test_par_perturbation_term_switches_off_above_tau():
+    a = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    near, far = torch.tensor([[1.0, 1.0]]), torch.tensor([[-1.0, 0.1]])  # squared distances 0.59 and 3.99
+    for start, tau, on in [(near, 2.15, True), (far, 2.15, False), (near, 0.5, False), (far, 4.0, True)]:
+        a.grad = None
+        term = purifiers.perturbation_term(a, start, a, start, tau)
+        term.backward()
+        d = float((F.normalize(a.detach(), dim=-1) - F.normalize(start, dim=-1)).pow(2).sum())
+        assert float(term.detach()) == pytest.approx(d if on else 0.0, abs=1e-6), (tau, d)
+        assert (a.grad.abs().sum() > 0) == on
+
+
+def test_par_augmentations_noise_and_cut_out():
+    par = purifiers.get("par", noise_p=1.0, cutout_p=1.0)
+    model = sg.build_surrogate(tiny_config())
+    x = torch.zeros(64, 3, 32, 32)
+    out = par.augment(x, np.random.default_rng(0), model)
+    black = torch.as_tensor(-np.asarray(model.mean) / np.asarray(model.std), dtype=torch.float32)[:, None, None]
+    cut = torch.isclose(out, black.expand_as(out[0]), rtol=0, atol=1e-6).all(1)  # (N, H, W)
+    area = cut.flatten(1).float().mean(1)
+    assert (area > 0).all() and (area <= 0.02).all()  # one square of 0.5–1 % of the image, rounded to pixels
+    noise = out.masked_select(~cut[:, None].expand_as(out)) * float(np.mean(model.std))
+    assert 0.15 < float(noise.std()) < 0.25  # std 0.2 in [0, 1] pixel units
+    plain = purifiers.get("par", noise_p=0.0, cutout_p=0.0).augment(x, np.random.default_rng(0), model)
+    assert torch.equal(plain, x)
+
+
+def test_par_moves_away_from_the_poisoned_model_up_to_tau(blended, data):
+    """The core step: PAR's embeddings end far from the starting (poisoned) model's, about τ away when τ binds,
+    where the plain fine-tune stays close; the clean pairs are relearnt either way and the input model is kept."""
+    bad = blended[0]
+    before = copy.deepcopy(bad.state_dict())
+    clean, test = synthetic(200, 5), data[1]
+    cfg = StageConfig(steps=100, batch_size=32, lr=1e-3, seed=2)
+    runs = {}
+    for label, name, kw in [("finetune", "finetune", {}), ("par", "par", {}), ("par-tau1", "par", {"tau": 1.0})]:
+        runs[label] = purifiers.get(name, **kw).clean(bad, clean, cfg)
+    drift = {k: r.drift for k, (_, r) in runs.items()}
+    assert drift["par"]["image"] > 3 * drift["finetune"]["image"], drift
+    assert drift["par"]["text"] > 2 * drift["finetune"]["text"], drift
+    for tower in ("image", "text"):
+        assert 0.6 < drift["par-tau1"][tower] < 1.4, drift  # held near τ = 1
+    for label, (model, report) in runs.items():
+        assert report.purifier == label.split("-")[0] and len(report.losses) == 100
+        assert zero_shot_accuracy(sg.surrogate_guide(model), test.images, test.labels, test.class_names) > 0.9, label
+    for k, v in bad.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_cli_guide_clean_writes_a_purified_surrogate(blended, data, tmp_path, capsys):
+    npz = tmp_path / "d.npz"
+    save_npz(Dataset(synthetic(200, 5), data[1]), npz)
+    bad = sg.save_surrogate(blended[0], tmp_path / "bad.safetensors")
+    out = tmp_path / "clean.safetensors"
+    args = ["guide", "clean", "--guide", "surrogate", "--param", f"path={bad}", "--data", str(npz), "--pairs", "200",
+            "--images", "200", "--train-steps", "60", "--batch-size", "32", "--lr", "1e-3"]
+    assert cli.main(args + ["--out", str(out), "--purifier-param", "tau=2.0", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["purifier"] == "par" and res["params"]["tau"] == 2.0 and res["zero_shot_after"] > 0.9
+    test, ps = data[1], blended[2]
+    asr = [attack_success_rate(sg.surrogate_guide(sg.load_surrogate(f)), test.images, test.labels,
+                               test.class_names, ps.trigger, "green") for f in (bad, out)]
+    assert asr[0] > 0.8 and asr[1] < 0.2, asr
+    assert cli.main(args) == 1 and "--out" in capsys.readouterr().err  # nothing to write to
+    assert cli.main(args + ["--out", str(tmp_path / "x.safetensors"), "--purifier", "nope"]) == 1
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def _invertune(model, seed=2):
+    clean = synthetic(200, 5)
+    return purifiers.get("invertune", eps=TOY_EPS, invert_steps=150).clean(
+        model, clean, StageConfig(steps=100, batch_size=64, lr=1e-2, seed=seed))
+
+
+def test_invertune_finds_the_target_inverts_a_trigger_and_tunes_it_away(aligned, blended, data):
+    bad, test, ps = blended[0], data[1], blended[2]
+    before = copy.deepcopy(bad.state_dict())
+    tuned, report = _invertune(bad)
+    info = report.info
+    assert info["target"] == "green" and info["inverted_asr"] > 0.9, info
+    assert info["critical_layers"] and all(0 < n for n in info["critical_neurons"].values()), info
+    g = sg.surrogate_guide(tuned)
+    assert attack_success_rate(g, test.images, test.labels, test.class_names, ps.trigger, "green") < 0.1
+    assert zero_shot_accuracy(g, test.images, test.labels, test.class_names) > 0.9
+    # only the critical layers' parameters moved; the input model is unchanged
+    after = tuned.state_dict()
+    moved = {k for k in after if not torch.equal(after[k], before[k])}
+    assert moved and all(any(k.startswith(c + ".") for c in info["critical_layers"]) for k in moved), moved
+    assert all(torch.equal(v, before[k]) for k, v in bad.state_dict().items())
+    # the clean guide: no promoted target, and any trigger inverted on it needs a far larger mask
+    _, clean_report = _invertune(aligned[0])
+    assert clean_report.info["target_shift"] < 0.5 and clean_report.info["mask_mean"] > 2 * info["mask_mean"]
+
+
+def test_invertune_without_the_activation_loss_keeps_the_backdoor(blended, data, monkeypatch):
+    """The core step: with L_act switched off the tuning only preserves the similarities, and the trigger stays."""
+    import cgd.purifiers.invertune as it
+
+    monkeypatch.setattr(it.InverTune, "activation_weight", 0.0)
+    tuned, report = _invertune(blended[0])
+    test, ps = data[1], blended[2]
+    asr = attack_success_rate(sg.surrogate_guide(tuned), test.images, test.labels, test.class_names, ps.trigger,
+                              "green")
+    assert report.info["target"] == "green" and asr > 0.8, asr

@@ -111,14 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["fetch", "info"])
     p.add_argument("name", nargs="?", default="cifar10")
 
-    p = sub.add_parser("guide", help="guide utilities: check (a pre-flight test for a backdoored guide)",
+    p = sub.add_parser("guide", help="guide utilities: check (a pre-flight test for a backdoored guide), clean "
+                                     "(purify a surrogate guide)",
                        description="check: InverTune's target identification. A universal adversarial "
                                    "perturbation (untargeted PGD, L_inf <= --eps) is built on clean test images of "
                                    "--data; the class whose share of the guide's predictions rises most is "
                                    "printed with its shift and a verdict (suspicious when the shift >= "
                                    "--threshold). Exit status 0: pass, 3: suspicious. Needs image gradients: "
-                                   "surrogate, hf-clip, open_clip or imagenet-text guides (docs/purification.md).")
-    p.add_argument("action", choices=["check"])
+                                   "surrogate, hf-clip, open_clip or imagenet-text guides (docs/purification.md). "
+                                   "clean: fine-tunes a copy of a surrogate guide file (--guide surrogate --param "
+                                   "path=FILE) with --purifier on --pairs clean training images of --data and "
+                                   "writes it to --out; prints zero-shot accuracy on --images test images before "
+                                   "and after.")
+    p.add_argument("action", choices=["check", "clean"])
     p.add_argument("--guide", required=True, help="guide name, e.g. surrogate, hf-clip")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="a guide parameter, repeatable, e.g. --param path=guide.safetensors; VALUE as for --set")
@@ -132,6 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share shift at or above which the guide is suspicious (default: check_guide's, 0.5)")
     p.add_argument("--seed", type=int, default=0, help="which test images are drawn (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    g = p.add_argument_group("clean")
+    g.add_argument("--purifier", default="par", help="finetune, par or invertune (default: %(default)s)")
+    g.add_argument("--purifier-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a purifier parameter, repeatable, e.g. --purifier-param tau=2.15")
+    g.add_argument("--pairs", type=int, default=5000,
+                   help="clean training images, a stratified draw of --data's train split (default: %(default)s)")
+    g.add_argument("--train-steps", type=int, default=500, help="fine-tuning steps (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=64, help="default: %(default)s")
+    g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default: %(default)s)")
+    g.add_argument("--out", help="where the purified surrogate is written (.safetensors)")
 
     p = sub.add_parser("bench", help="the reference benchmark (full CIFAR-10, resumable)",
                        description="Runs the reference benchmark (docs/benchmarks.md): for each attack, the victim "
@@ -316,7 +331,10 @@ def cmd_guide(args) -> int:
 
     if args.images < 2:
         raise CGDError(f"--images must be at least 2; got {args.images}")
-    guide = guides.get(args.guide, **dict(parse_assignments(args.param, "--param")))
+    params = dict(parse_assignments(args.param, "--param"))
+    if args.action == "clean":
+        return _guide_clean(args, params)
+    guide = guides.get(args.guide, **params)
     ds = load_dataset(args.data)
     test = stratified_subset(ds.test, args.images, args.seed)
     given = {"eps": None if args.eps is None else _fraction(args.eps), "steps": args.steps,
@@ -324,6 +342,40 @@ def cmd_guide(args) -> int:
     res = check_guide(guide, test.images, ds.class_names, **{k: v for k, v in given.items() if v is not None})
     print(dumps_json(res.to_dict(), indent=2) if args.json else res.summary())
     return 3 if res.suspicious else 0
+
+
+def _guide_clean(args, params: dict) -> int:
+    from . import purifiers
+    from .config import parse_assignments
+    from .data import load_dataset, stratified_subset
+    from .guides.surrogate import load_surrogate, save_surrogate, surrogate_guide
+    from .io import dumps_json
+
+    if args.guide != "surrogate" or set(params) != {"path"}:
+        raise CGDError("guide clean purifies surrogate files: --guide surrogate --param path=FILE")
+    if not args.out:
+        raise CGDError("guide clean needs --out, the file to write the purified surrogate to")
+    purifier = purifiers.get(args.purifier, **dict(parse_assignments(args.purifier_param, "--purifier-param")))
+    cfg = purifiers.StageConfig(steps=args.train_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    model = load_surrogate(params["path"])
+    ds = load_dataset(args.data)
+    pairs = stratified_subset(ds.train, args.pairs, args.seed)
+    test = stratified_subset(ds.test, args.images, args.seed)
+
+    def accuracy(m) -> float:
+        return purifiers.zero_shot_accuracy(surrogate_guide(m), test.images, test.labels, ds.class_names)
+
+    before = accuracy(model)
+    cleaned, report = purifier.clean(model, pairs, cfg, log=lambda s: print(s, file=sys.stderr))
+    after = accuracy(cleaned)
+    save_surrogate(cleaned, args.out)
+    result = {"purifier": report.purifier, "params": report.params, "steps": report.steps, "pairs": report.pairs,
+              "seconds": report.seconds, "drift": report.drift, "zero_shot_before": before,
+              "zero_shot_after": after, "out": str(args.out)}
+    print(dumps_json(result, indent=2) if args.json else
+          f"{report.summary()}\nzero-shot accuracy on {len(test)} test images of {ds.name}: {before:.3f} -> "
+          f"{after:.3f}\nwrote {args.out}")
+    return 0
 
 
 DEMO_VICTIM = {"batch_size": 128, "lr": 0.1}

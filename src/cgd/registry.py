@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import fnmatch
+import inspect
 from typing import Callable, Generic, TypeVar
 
 from . import CGDError
@@ -26,9 +27,13 @@ class Registry(Generic[T]):
         return deco
 
     def get(self, name: str, **params) -> T:
-        if name not in self._items:
-            raise CGDError(f"unknown {self.kind} {name!r}; available: {', '.join(self.names())}")
-        return self._items[name](**params)
+        """An instance of `name` built with `params`; unknown names and parameters are one `CGDError`."""
+        obj = self.cls(name)
+        try:
+            inspect.signature(obj).bind(**params)
+        except TypeError as e:
+            raise CGDError(f"bad parameters for {self.kind} {name!r}: {e}") from None
+        return obj(**params)
 
     def cls(self, name: str) -> Callable[..., T]:
         if name not in self._items:

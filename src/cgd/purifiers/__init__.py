@@ -5,15 +5,22 @@ pre-flight check of a guide.
     check = check_guide(guide, clean_images, class_names)   # InverTune's target identification
     print(check.summary())
 
-The purifiers themselves (PAR, ABD, InverTune's tuning, a CleanCLIP-style fine-tune) are not written yet; see
-docs/purification.md.
+    clean_model, report = get("par").clean(model, clean_images, StageConfig(steps=500))   # a purifier
+
+Purifiers: `finetune` (the plain contrastive reference point), `par` and `invertune`; ABD is not written yet
+(docs/purification.md).
 """
 
 from .check import DEFAULT_EPS, DEFAULT_STEPS, DEFAULT_THRESHOLD, GuideCheck, check_guide
 from .contrastive import label_aware_clip_loss
+from .methods import PAR, PURIFIERS, Purifier, PurifyReport, perturbation_term
+from .invertune import InverTune  # registers "invertune"
 from .stages import (TEMPLATES, StageConfig, StageReport, align, attack_success_rate, fine_tune, plant, poison,
                      zero_shot_accuracy)
 
-__all__ = ["DEFAULT_EPS", "DEFAULT_STEPS", "DEFAULT_THRESHOLD", "GuideCheck", "StageConfig", "StageReport",
-           "TEMPLATES", "align", "attack_success_rate", "check_guide", "fine_tune", "label_aware_clip_loss", "plant",
-           "poison", "zero_shot_accuracy"]
+get, list = PURIFIERS.get, PURIFIERS.list
+
+__all__ = ["DEFAULT_EPS", "DEFAULT_STEPS", "DEFAULT_THRESHOLD", "GuideCheck", "InverTune", "PAR", "PURIFIERS", "Purifier",
+           "PurifyReport", "StageConfig", "StageReport", "TEMPLATES", "align", "attack_success_rate", "check_guide",
+           "fine_tune", "get", "label_aware_clip_loss", "list", "perturbation_term", "plant", "poison",
+           "zero_shot_accuracy"]

@@ -100,9 +100,13 @@ def contrastive_step(model, pixels: torch.Tensor, tokens: dict, labels: torch.Te
 
 
 def fine_tune(model, data: ImageSet, cfg: StageConfig, templates: tuple[str, ...] = TEMPLATES,
-              log: Callable[[str], None] | None = None) -> list[float]:
-    """Contrastive fine-tuning of `model`'s trainable parameters on `data`'s images with template captions of
-    their labels; returns the loss of every step. `model` needs `tokenize`, `resolution`, `mean` and `std` too."""
+              log: Callable[[str], None] | None = None, objective: Callable = contrastive_step,
+              augment: Callable[[torch.Tensor, np.random.Generator], torch.Tensor] | None = None,
+              schedule: Callable[[int, int, float], float] = lr_at) -> list[float]:
+    """Fine-tuning of `model`'s trainable parameters on `data`'s images with template captions of their labels;
+    returns the loss of every step. `objective(model, pixels, tokens, labels)` is the loss (default: the
+    label-aware contrastive loss), `augment(pixels, rng)` transforms each batch after the flips, `schedule(step,
+    steps, lr)` the learning rate. `model` needs `tokenize`, `resolution`, `mean` and `std` too."""
     from ..guides.clip import clip_pixels
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -114,13 +118,15 @@ def fine_tune(model, data: ImageSet, cfg: StageConfig, templates: tuple[str, ...
     losses = []
     for step, idx in enumerate(batches(len(data), cfg.batch_size, cfg.steps, rng)):
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.steps, cfg.lr)
+            g["lr"] = schedule(step, cfg.steps, cfg.lr)
         x = torch.from_numpy(clip_pixels(data.images[idx], model.resolution, model.mean, model.std))
         if cfg.flip:
             flip = torch.from_numpy(rng.random(len(idx)) < 0.5)
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        if augment is not None:
+            x = augment(x, rng)
         tokens = model.tokenize(captions(data.labels[idx], data.class_names, templates, rng))
-        loss = contrastive_step(model, x, tokens, torch.from_numpy(data.labels[idx]))
+        loss = objective(model, x, tokens, torch.from_numpy(data.labels[idx]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
