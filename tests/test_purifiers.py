@@ -319,3 +319,32 @@ def test_invertune_without_the_activation_loss_keeps_the_backdoor(blended, data,
     asr = attack_success_rate(sg.surrogate_guide(tuned), test.images, test.labels, test.class_names, ps.trigger,
                               "green")
     assert report.info["target"] == "green" and asr > 0.8, asr
+
+
+def test_abd_backdoor_term_rewards_one_shared_shift():
+    abd = purifiers.get("abd")
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randn(16, 8, generator=g)
+    collapsed = torch.randn(1, 8, generator=g).expand(16, 8) + 0.01 * torch.randn(16, 8, generator=g)
+    assert abd.backdoor_loss(collapsed, clean) < 0.5 * abd.backdoor_loss(clean + 0.01, clean)
+
+
+def test_abd_perturbation_finds_the_backdoor_and_fine_tuning_with_it_removes_it(aligned, blended, data):
+    bad, test, ps = blended[0], data[1], blended[2]
+    clean = synthetic(200, 5)
+    abd = purifiers.get("abd")
+
+    def delta_asr(model, delta) -> float:  # the perturbation, at the test images' size, as a trigger
+        d = F.interpolate(delta, size=test.images.shape[1:3], mode="area")[0].permute(1, 2, 0).numpy()
+        return attack_success_rate(sg.surrogate_guide(model), test.images, test.labels, test.class_names,
+                                   lambda im: np.clip(np.round(im + d * 255.0), 0, 255).astype(np.uint8), "green")
+
+    delta = abd.perturbation(bad, clean, purifiers.TEMPLATES, 2)
+    assert float(delta.abs().max()) <= 0.03 + 1e-6
+    assert delta_asr(bad, delta) > 0.5  # the universal shift of 0.03 ≈ 8/255 rides the planted backdoor
+    assert delta_asr(aligned[0], abd.perturbation(aligned[0], clean, purifiers.TEMPLATES, 2)) < 0.1
+    tuned, report = abd.clean(bad, clean, StageConfig(steps=100, batch_size=32, lr=1e-3, seed=2))
+    g = sg.surrogate_guide(tuned)
+    assert report.purifier == "abd" and report.info["perturbation_linf"] == pytest.approx(0.03, abs=1e-6)
+    assert attack_success_rate(g, test.images, test.labels, test.class_names, ps.trigger, "green") < 0.1
+    assert zero_shot_accuracy(g, test.images, test.labels, test.class_names) > 0.9

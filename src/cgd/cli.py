@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="which test images are drawn (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     g = p.add_argument_group("clean")
-    g.add_argument("--purifier", default="par", help="finetune, par or invertune (default: %(default)s)")
+    g.add_argument("--purifier", default="par", help="finetune, par, abd or invertune (default: %(default)s)")
     g.add_argument("--purifier-param", action="append", default=[], metavar="KEY=VALUE",
                    help="a purifier parameter, repeatable, e.g. --purifier-param tau=2.15")
     g.add_argument("--pairs", type=int, default=5000,

@@ -7,20 +7,19 @@ pre-flight check of a guide.
 
     clean_model, report = get("par").clean(model, clean_images, StageConfig(steps=500))   # a purifier
 
-Purifiers: `finetune` (the plain contrastive reference point), `par` and `invertune`; ABD is not written yet
-(docs/purification.md).
+Purifiers: `finetune` (the plain contrastive reference point), `par`, `abd` and `invertune` (docs/purification.md).
 """
 
 from .check import DEFAULT_EPS, DEFAULT_STEPS, DEFAULT_THRESHOLD, GuideCheck, check_guide
 from .contrastive import label_aware_clip_loss
-from .methods import PAR, PURIFIERS, Purifier, PurifyReport, perturbation_term
 from .invertune import InverTune  # registers "invertune"
+from .methods import ABD, PAR, PURIFIERS, Purifier, PurifyReport, perturbation_term
 from .stages import (TEMPLATES, StageConfig, StageReport, align, attack_success_rate, fine_tune, plant, poison,
                      zero_shot_accuracy)
 
 get, list = PURIFIERS.get, PURIFIERS.list
 
-__all__ = ["DEFAULT_EPS", "DEFAULT_STEPS", "DEFAULT_THRESHOLD", "GuideCheck", "InverTune", "PAR", "PURIFIERS", "Purifier",
+__all__ = ["ABD", "DEFAULT_EPS", "DEFAULT_STEPS", "DEFAULT_THRESHOLD", "GuideCheck", "InverTune", "PAR", "PURIFIERS", "Purifier",
            "PurifyReport", "StageConfig", "StageReport", "TEMPLATES", "align", "attack_success_rate", "check_guide",
            "fine_tune", "get", "label_aware_clip_loss", "list", "perturbation_term", "plant", "poison",
            "zero_shot_accuracy"]

@@ -13,6 +13,10 @@ differs in its objective, augmentation and schedule, which a subclass states in 
 - `par` — Perturb and Recover: L_CLIP − L_PERT, where L_PERT rewards moving each tower's embeddings away from the
   frozen starting model's while their mean squared distance is ≤ τ, with Gaussian-noise and CutOut augmentations
   and PAR's schedule shape (linear decay to a tenth over the first half, then cosine to zero).
+- `abd` — Adversarial Backdoor Defense: the plain fine-tune with a universal perturbation that mimics a backdoor
+  added to a share of the images (PGD in place of the paper's GAN; the backdoor-feature term is ours).
+
+InverTune, which tunes selected neurons instead of fine-tuning, is in `invertune.py`.
 """
 
 from __future__ import annotations
@@ -174,3 +178,78 @@ class PAR(Purifier):
         if step < half:
             return lr * (1 - 0.9 * step / half)
         return 0.05 * lr * (1 + np.cos(np.pi * (step - half) / max(1, steps - half)))
+
+
+@PURIFIERS.register("abd")
+class ABD(Purifier):
+    """Adversarial Backdoor Defense: fine-tune on clean pairs where a share of the images carries a universal
+    perturbation built to mimic a backdoor (one shift that pulls every image's embedding to one shared point).
+
+    eps: the perturbation's L_inf budget in [0, 1] pixels (ABD's magnitude 0.03); pgd_steps / pgd_images: how it
+    is built; share: the share of each batch that carries it; bd_weight: the weight of the backdoor-feature term
+    beside the untargeted cross-modal term while building it; temperature: that term's τ.
+    """
+
+    name = "abd"
+
+    def __init__(self, eps: float = 0.03, pgd_steps: int = 20, pgd_images: int = 256, share: float = 0.5,
+                 bd_weight: float = 1.0, temperature: float = 0.07):
+        from .. import CGDError
+
+        if not (0 < eps <= 1 and pgd_steps >= 1 and pgd_images >= 2 and 0 <= share <= 1 and bd_weight >= 0
+                and temperature > 0):
+            raise CGDError(f"bad ABD parameters: eps={eps}, pgd_steps={pgd_steps}, pgd_images={pgd_images}, "
+                           f"share={share}, bd_weight={bd_weight}, temperature={temperature}")
+        self.eps, self.pgd_steps, self.pgd_images, self.share = float(eps), int(pgd_steps), int(pgd_images), share
+        self.bd_weight, self.temperature = float(bd_weight), float(temperature)
+        self.delta: torch.Tensor | None = None  # in the model's normalisation, set by `clean`
+
+    def params(self) -> dict:
+        return {"eps": self.eps, "pgd_steps": self.pgd_steps, "pgd_images": self.pgd_images, "share": self.share,
+                "bd_weight": self.bd_weight, "temperature": self.temperature}
+
+    def backdoor_loss(self, adv: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+        """InfoNCE of each perturbed embedding against the perturbed batch's mean (positive) and the clean
+        embeddings (negatives): low when one shift sends every image to one shared point, as a trigger does."""
+        adv, clean = F.normalize(adv, dim=-1), F.normalize(clean, dim=-1)
+        centre = F.normalize(adv.mean(0, keepdim=True), dim=-1)
+        logits = torch.cat([adv @ centre.T, adv @ clean.T], 1) / self.temperature
+        return F.cross_entropy(logits, torch.zeros(len(adv), dtype=torch.long))
+
+    def perturbation(self, model, data: ImageSet, templates: tuple[str, ...], seed: int) -> torch.Tensor:
+        """δ (1, 3, R, R) in [0, 1] pixel units, |δ| ≤ eps, by signed-gradient steps that raise the contrastive
+        loss of the perturbed images against their captions and lower `backdoor_loss`."""
+        from ..guides.clip import clip_pixels
+        from .stages import captions
+
+        rng = np.random.default_rng(seed)
+        idx = np.sort(rng.choice(len(data), min(self.pgd_images, len(data)), replace=False))
+        x01 = torch.from_numpy(clip_pixels(data.images[idx], model.resolution, (0.0,) * 3, (1.0,) * 3))
+        mean = torch.as_tensor(np.asarray(model.mean, np.float32))[:, None, None]
+        std = torch.as_tensor(np.asarray(model.std, np.float32))[:, None, None]
+        labels = torch.from_numpy(data.labels[idx])
+        with torch.no_grad():
+            text = model.encode_text(model.tokenize(captions(data.labels[idx], data.class_names, templates, rng)))
+            clean = model.encode_image((x01 - mean) / std)
+        delta = torch.zeros((1,) + tuple(x01.shape[1:]))
+        step = 2.5 * self.eps / self.pgd_steps
+        for _ in range(self.pgd_steps):
+            d = delta.clone().requires_grad_(True)
+            adv = model.encode_image(((x01 + d).clamp(0, 1) - mean) / std)
+            loss = (label_aware_clip_loss(adv, text, labels, model.logit_scale.detach())
+                    - self.bd_weight * self.backdoor_loss(adv, clean))
+            grad, = torch.autograd.grad(loss, d)
+            delta = (delta + step * grad.sign()).clamp(-self.eps, self.eps)
+        return delta
+
+    def clean(self, model, data, cfg=StageConfig(), templates=TEMPLATES, log=None):
+        delta = self.perturbation(model, data, templates, cfg.seed)
+        std = torch.as_tensor(np.asarray(model.std, np.float32))[:, None, None]
+        self.delta = delta / std  # the same shift in the model's normalisation
+        cleaned, report = super().clean(model, data, cfg, templates, log)
+        report.info["perturbation_linf"] = float(delta.abs().max())
+        return cleaned, report
+
+    def augment(self, pixels, rng, model):
+        on = torch.from_numpy(rng.random(len(pixels)) < self.share)[:, None, None, None]
+        return torch.where(on, pixels + self.delta, pixels)
