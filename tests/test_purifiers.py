@@ -348,3 +348,21 @@ def test_abd_perturbation_finds_the_backdoor_and_fine_tuning_with_it_removes_it(
     assert report.purifier == "abd" and report.info["perturbation_linf"] == pytest.approx(0.03, abs=1e-6)
     assert attack_success_rate(g, test.images, test.labels, test.class_names, ps.trigger, "green") < 0.1
     assert zero_shot_accuracy(g, test.images, test.labels, test.class_names) > 0.9
+
+
+def test_cli_defend_checks_the_guide_first_and_warns_in_the_report(aligned, blended, data, tmp_path, capsys):
+    npz = tmp_path / "d.npz"
+    save_npz(Dataset(data[0], data[1]), npz)
+    sets = ["victim.epochs=2", "victim.batch_size=64", "victim.snapshot_epoch=1", "victim.augment='none'",
+            "victim.arch_params={widths=[8,16,16],stem=8}"]
+    for name, model, verdict in (("bad", blended[0], "suspicious"), ("good", aligned[0], "pass")):
+        path = sg.save_surrogate(model, tmp_path / f"{name}.safetensors")
+        run = tmp_path / f"run-{name}"
+        argv = ["defend", "--data", str(npz), "--defense", "ep", "--out", str(run), "--check-guide", "12/255",
+                "--set", "guide.name='surrogate'", "--set", f"guide.params={{path='{path}', cache=false}}"]
+        assert cli.main(argv + sum((["--set", s] for s in sets), [])) == 0
+        check = json.loads((run / "metrics.json").read_text())["guide_check"]
+        report = (run / "report.md").read_text()
+        assert check["verdict"] == verdict and check["eps"] == pytest.approx(12 / 255)
+        assert ("Warning: the guide check flags the guide" in report) == (verdict == "suspicious")
+        assert verdict != "suspicious" or "'green'" in capsys.readouterr().err

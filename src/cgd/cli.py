@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the defense to run (default: cgd; the config's defense.name); `--defense list` lists them")
     p.add_argument("--model", help="the suspicious model (.safetensors with its .json); default: train one")
     p.add_argument("--snapshot", help="the model's epoch-T snapshot (.safetensors), for the model score")
+    p.add_argument("--check-guide", nargs="?", const="8/255", metavar="EPS",
+                   help="first run `cgd guide check` (budget EPS, default 8/255) on 64 clean test images (about "
+                        "30-80 s on CPU) and warn in report.md when the guide looks backdoored; the clean "
+                        "imagenet-text guide is a known false alarm on CIFAR-10 (docs/purification.md)")
     p.add_argument("--recipe", choices=["cpu", "paper"],
                    help="cpu (default): loss-trajectory model score, probe-refined guide, strong unlearning; "
                         "paper: the paper's epoch-T snapshot, zero-shot guide and loss weights")
@@ -278,8 +282,19 @@ def cmd_defend(args) -> int:
         cfg["defense"]["name"] = args.defense
     cfg["data"]["spec"] = args.data
     ds, mask = _load_with_mask(args.data)
-    m = defend(ds.train, cfg, Path(args.out), model_path=args.model, snapshot_path=args.snapshot,
-               poison_mask=mask, test=ds.test, log=lambda s: print(s, file=sys.stderr))
+    guide = check = None
+    if args.check_guide:
+        from . import guides
+        from .data import stratified_subset
+        from .purifiers import check_guide
+
+        guide = guides.get(cfg["guide"]["name"], **cfg["guide"]["params"])
+        images = stratified_subset(ds.test if len(ds.test) else ds.train, 64, cfg["seed"]).images
+        check = check_guide(guide, images, ds.class_names, eps=_fraction(args.check_guide))
+        print(check.summary(), file=sys.stderr)
+    m = defend(ds.train, cfg, Path(args.out), guide=guide, model_path=args.model, snapshot_path=args.snapshot,
+               poison_mask=mask, test=ds.test, guide_check=check.to_dict() if check else None,
+               log=lambda s: print(s, file=sys.stderr))
     print(dumps_json({k: m[k] for k in ("sizes", "detection", "before", "after", "timings") if k in m}, indent=2))
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0

@@ -134,12 +134,14 @@ def preflight(train_set: ImageSet, scfg: SplitConfig, victim: tuple[str, TrainCo
 def defend(train_set: ImageSet, cfg: dict, run_dir: Path, *, guide=None, model_path: Path | None = None,
            snapshot_path: Path | None = None, poison_mask: np.ndarray | None = None,
            poisoned: PoisonedSet | None = None, test: ImageSet | None = None, extra_eval=None,
-           victim: TrainResult | None = None, clean_indices: np.ndarray | None = None, log=print) -> dict:
+           victim: TrainResult | None = None, clean_indices: np.ndarray | None = None,
+           guide_check: dict | None = None, log=print) -> dict:
     """Run the config's defense (`defense.name`, CGD by default) on `train_set` into `run_dir` (the README lists
     the files). Intermediate results live in `run_dir/.work` so an interrupted run resumes; the outputs appear
     only once everything succeeded. A `victim` already trained on `train_set` with the config's recipe may be
     passed in to be shared; `model_path` (and `snapshot_path`) give the user's own suspicious model instead.
-    `clean_indices`: trusted clean training samples for the clean-data defenses (FP; the benchmark's oracle)."""
+    `clean_indices`: trusted clean training samples for the clean-data defenses (FP; the benchmark's oracle).
+    `guide_check`: a `GuideCheck.to_dict()` of the guide, kept in metrics.json and warned about in report.md."""
     run_dir = Path(run_dir)
     defense = defenses.DEFENSES.cls(cfg["defense"]["name"]).from_config(cfg, guide=guide)  # checks the settings
     tcfg = train_config(cfg)
@@ -158,6 +160,8 @@ def defend(train_set: ImageSet, cfg: dict, run_dir: Path, *, guide=None, model_p
                               cfg["victim"]["arch"], cfg["victim"]["arch_params"], class_names=train_set.class_names)
     r = defense.run(train_set, victim, defenses.Context(cfg["seed"], work, extra_eval, log, clean_indices))
     metrics = run_metrics(cfg["defense"]["name"], r, victim, poison_mask, poisoned, test)
+    if guide_check is not None:
+        metrics["guide_check"] = guide_check
     write_outputs(run_dir, work, cfg_text, r, metrics, train_set, poison_mask, cfg)
     return metrics
 
@@ -235,6 +239,14 @@ def run_report(name: str, cfg: dict, m: dict) -> str:
         notes.append(f"defense `{defense}`, params {cfg['defense']['params'] or 'default'}; "
                      + ", ".join(f"{k}: {v}" for k, v in m.items() if k in ("u", "pruned", "clean_source", "clean",
                                                                             "selection")))
+    if m.get("guide_check"):
+        c = m["guide_check"]
+        shift = (f"most-promoted class `{c['target']}`, shift {c['shift']:+.3f} under a universal perturbation of "
+                 f"L_inf {c['eps'] * 255:.1f}/255")
+        notes.append(f"**Warning: the guide check flags the guide as suspicious** ({shift}): it may carry a "
+                     f"backdoor toward `{c['target']}`; purify or replace it before trusting this run (a clean but "
+                     "non-robust guide can also be flagged)" if c["verdict"] == "suspicious" else
+                     f"guide check: pass ({shift})")
     if m["sizes"]:
         notes.append("entropy map: ![entropy map](entropy_map.png)")
     return markdown_report(f"{'CGD' if defense == 'cgd' else defense.upper()} run {name}", sections, notes)
