@@ -51,8 +51,14 @@ def test_the_testbed_script_runs_tiny(tmp_path, monkeypatch):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = tmp_path / "r.json"
-    res = mod.main(["--data", str(npz), "--tiny", "--align-steps", "3", "--poison-steps", "3", "--batch-size", "16",
-                    "--rate", "0.1", "--root", str(tmp_path / "stages"), "--json", str(out)])
-    assert set(res["rows"]) == {"aligned", "badnets", "blend"}
+    argv = ["--data", str(npz), "--tiny", "--align-steps", "3", "--poison-steps", "3", "--batch-size", "16",
+            "--rate", "0.1", "--root", str(tmp_path / "stages"), "--json", str(out)]
+    res = mod.main(argv + ["--purifiers", "finetune,par", "--purify-pairs", "32", "--purify-steps", "2", "--check"])
+    assert set(res["rows"]) == {"aligned", "badnets", "blend", "badnets+finetune", "badnets+par", "blend+finetune",
+                                "blend+par"}
+    assert res["rows"]["blend+par"]["check"]["verdict"] in ("pass", "suspicious")
+    assert Path(res["rows"]["blend+par"]["file"]).exists() and "image" in res["rows"]["blend+par"]["drift"]
+    again = mod.main(argv + ["--purifiers", "finetune,par"])  # resumed: the finished rows are kept as they were
+    assert again["rows"]["blend+par"] == res["rows"]["blend+par"]
     assert {"ca", "asr_badnets", "asr_blend"} <= set(res["rows"]["aligned"])
     assert 0 <= res["rows"]["blend"]["asr_blend"] <= 1 and json.loads(out.read_text())["target"] == "banana"
