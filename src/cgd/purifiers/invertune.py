@@ -35,7 +35,7 @@ from .. import CGDError
 from ..data import ImageSet
 from ..guides.clip import ClipGuide, clip_pixels
 from .check import DEFAULT_EPS, check_guide
-from .methods import PURIFIERS, Purifier, PurifyReport
+from .methods import PURIFIERS, Purifier, PurifyReport, embedding_drift, frozen_copy
 from .stages import TEMPLATES, StageConfig
 
 
@@ -264,8 +264,6 @@ class InverTune(Purifier):
                 "critical_but_frozen": frozen}
         say(f"invertune: critical layers {crit}, neurons {info['critical_neurons']}" +
             (f"; not trainable, left alone: {frozen}" if frozen else ""))
-        from .methods import embedding_drift, frozen_copy
-
         drift = embedding_drift(frozen_copy(model), tuned, data, templates, cfg.seed)
         return tuned, PurifyReport(self.name, self.params(), cfg.steps, len(idx), time.perf_counter() - t0, losses,
                                    drift, info)
