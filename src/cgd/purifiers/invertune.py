@@ -35,7 +35,7 @@ from .. import CGDError
 from ..data import ImageSet
 from ..guides.clip import ClipGuide, clip_pixels
 from .check import DEFAULT_EPS, check_guide
-from .methods import PURIFIERS, Purifier, PurifyReport, embedding_drift, frozen_copy
+from .methods import PURIFIERS, Purifier, PurifyReport, embedding_drift, frozen_copy, normalisation
 from .stages import TEMPLATES, StageConfig
 
 
@@ -167,8 +167,7 @@ class InverTune(Purifier):
     # -- step 2
     def invert(self, model, x01: torch.Tensor, text: torch.Tensor, target: int, labels: np.ndarray,
                seed: int, batch_size: int = 32) -> Inversion:
-        mean = torch.tensor(model.mean, dtype=torch.float32)[:, None, None]
-        std = torch.tensor(model.std, dtype=torch.float32)[:, None, None]
+        mean, std = normalisation(model)
         scale = model.logit_scale.detach().exp()
         gen = torch.Generator().manual_seed(seed)
         shape = (1,) + tuple(x01.shape[1:])
@@ -211,8 +210,7 @@ class InverTune(Purifier):
         rng = np.random.default_rng(cfg.seed)
         idx = np.sort(rng.choice(len(data), min(cfg.batch_size, len(data)), replace=False))
         x01 = torch.from_numpy(clip_pixels(data.images[idx], model.resolution, (0.0,) * 3, (1.0,) * 3))
-        mean = torch.tensor(model.mean, dtype=torch.float32)[:, None, None]
-        std = torch.tensor(model.std, dtype=torch.float32)[:, None, None]
+        mean, std = normalisation(model)
         with torch.no_grad():
             prompts = [f"a photo of a {c}." for c in data.class_names]
             text = F.normalize(model.encode_text(model.tokenize(prompts)), dim=-1)

@@ -89,6 +89,11 @@ class Purifier:
 PURIFIERS.register("finetune")(Purifier)
 
 
+def normalisation(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's input mean and std as (3, 1, 1) tensors: pixels01 -> (pixels01 - mean) / std."""
+    return tuple(torch.as_tensor(np.asarray(v, np.float32))[:, None, None] for v in (model.mean, model.std))
+
+
 def frozen_copy(model):
     start = copy.deepcopy(model).eval()
     for p in start.parameters():
@@ -159,8 +164,7 @@ class PAR(Purifier):
 
     def augment(self, pixels, rng, model):
         n, _, h, w = pixels.shape
-        std = torch.as_tensor(np.asarray(model.std, np.float32))[:, None, None]
-        mean = torch.as_tensor(np.asarray(model.mean, np.float32))[:, None, None]
+        mean, std = normalisation(model)
         noisy = torch.from_numpy(rng.random(n) < self.noise_p)[:, None, None, None]
         noise = torch.from_numpy(rng.standard_normal(pixels.shape).astype(np.float32)) * self.noise_std / std
         x = torch.where(noisy, pixels + noise, pixels)
@@ -225,8 +229,7 @@ class ABD(Purifier):
         rng = np.random.default_rng(seed)
         idx = np.sort(rng.choice(len(data), min(self.pgd_images, len(data)), replace=False))
         x01 = torch.from_numpy(clip_pixels(data.images[idx], model.resolution, (0.0,) * 3, (1.0,) * 3))
-        mean = torch.as_tensor(np.asarray(model.mean, np.float32))[:, None, None]
-        std = torch.as_tensor(np.asarray(model.std, np.float32))[:, None, None]
+        mean, std = normalisation(model)
         labels = torch.from_numpy(data.labels[idx])
         with torch.no_grad():
             text = model.encode_text(model.tokenize(captions(data.labels[idx], data.class_names, templates, rng)))
@@ -244,8 +247,7 @@ class ABD(Purifier):
 
     def clean(self, model, data, cfg=StageConfig(), templates=TEMPLATES, log=None):
         delta = self.perturbation(model, data, templates, cfg.seed)
-        std = torch.as_tensor(np.asarray(model.std, np.float32))[:, None, None]
-        self.delta = delta / std  # the same shift in the model's normalisation
+        self.delta = delta / normalisation(model)[1]  # the same shift in the model's normalisation
         cleaned, report = super().clean(model, data, cfg, templates, log)
         report.info["perturbation_linf"] = float(delta.abs().max())
         return cleaned, report
