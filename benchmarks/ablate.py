@@ -217,26 +217,12 @@ def clean_outside_dc(ps, s: Split):
     return measure
 
 
-def drop_slow_guide_only(s: Split, labels, q: float) -> Split:
-    """Ablation-only (`dp_drop_slow = q`, 0 = off): D_p members that only the guide put there (model rank ≥ σ2)
-    and that the model learned slowly for their class (per-class model rank > q) move to the mixed subset — the
-    guide's false alarms on a class it confuses, which unlearning would push off their true labels."""
-    if not q:
-        return s
-    sigma2 = defaults()["split"]["sigma2"]
-    slow = per_class_rank(s.model_nll, labels) > q
-    drop = np.intersect1d(s.poison, np.flatnonzero((s.model_rank >= sigma2) & slow))
-    return Split(s.clean, np.setdiff1d(s.poison, drop), np.union1d(s.mixed, drop), s.guide_nll, s.model_nll,
-                 s.guide_rank, s.model_rank, s.guide_logits, s.info)
-
-
 def extra_rank(s: Split, ps, zfeats, scfg: dict) -> Split:
     """Ablation-only split additions from the victim's own features (spectral axis; off unless asked):
     `spectral_dp = q` moves samples whose per-class spectral rank is > 1 − q into D_p (out of D_c and mixed);
     `spectral_out = q` only moves them out of D_c (into mixed). `spectral_orient`: "none" (squared projection),
     "skew" (signed, longer tail positive) or "fast" (signed, toward the side the model learned faster: low model
     rank of the split). `spectral_classes` limits both to the listed classes (a known target is diagnosis only)."""
-    s = drop_slow_guide_only(s, ps.train.labels, scfg.get("dp_drop_slow", 0))
     q_dp, q_out = scfg.get("spectral_dp", 0), scfg.get("spectral_out", 0)
     if not (q_dp or q_out):
         return s

@@ -12,7 +12,7 @@ import torch
 from cgd import CGDError, attacks, defenses, models
 from cgd.defenses import pipd
 from cgd.pipeline import SPLIT_OUTPUTS, defend
-from cgd.split import detection_metrics
+from cgd.split import detection_metrics, jenks_two_classes, within_class_ss
 from cgd.tensors import accuracy
 from cgd.train import TrainConfig, TrainResult, train
 
@@ -61,20 +61,20 @@ def test_two_class_natural_break_is_exact_against_brute_force():
     for trial in range(60):
         n = int(rng.integers(2, 10))
         v = rng.integers(0, 6, n).astype(float) if trial % 2 else rng.normal(0, 1, n) ** 3  # ties / outliers
-        t = pipd.jenks_two_classes(v)
+        t = jenks_two_classes(v)
         if np.ptp(v) == 0:
             assert t == np.inf
             continue
-        best = min(pipd.within_class_ss(v, np.array(bits, bool))
+        best = min(within_class_ss(v, np.array(bits, bool))
                    for bits in itertools.product([0, 1], repeat=n) if 0 < sum(bits) < n)
         upper = v > t
         assert 0 < upper.sum() < n and t in v and v[~upper].max() == t  # the break is the lower class's largest
-        assert pipd.within_class_ss(v, upper) == pytest.approx(best, rel=1e-9, abs=1e-12)
-    assert pipd.jenks_two_classes(np.array([1.0, 2, 3, 10, 11, 12])) == 3.0
-    assert pipd.jenks_two_classes(np.array([0.0, 0, 0, 0, 0, 0, 0, 0, 9])) == 0.0  # one outlier: its own class
-    assert pipd.jenks_two_classes(np.full(5, 2.0)) == np.inf and pipd.jenks_two_classes(np.zeros(1)) == np.inf
+        assert within_class_ss(v, upper) == pytest.approx(best, rel=1e-9, abs=1e-12)
+    assert jenks_two_classes(np.array([1.0, 2, 3, 10, 11, 12])) == 3.0
+    assert jenks_two_classes(np.array([0.0, 0, 0, 0, 0, 0, 0, 0, 9])) == 0.0  # one outlier: its own class
+    assert jenks_two_classes(np.full(5, 2.0)) == np.inf and jenks_two_classes(np.zeros(1)) == np.inf
     with pytest.raises(CGDError, match="NaN"):
-        pipd.jenks_two_classes(np.array([1.0, np.nan, 2.0]))
+        jenks_two_classes(np.array([1.0, np.nan, 2.0]))
 
 
 def test_channel_gap_picks_the_channels_the_poison_preset_drives():

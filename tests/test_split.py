@@ -3,8 +3,8 @@ import pytest
 
 from cgd import CGDError
 from cgd.split import (Split, auroc, detection_metrics, fill_clean_classes, history_window, nearest_neighbours,
-                       neighbour_poison_fraction, nll, oversample_clean, percentile_rank, purify, recheck, split,
-                       window_shares)
+                       SplitConfig, drop_slow, neighbour_poison_fraction, nll, oversample_clean, percentile_rank,
+                       purify, recheck, split, split_by, window_shares)
 
 
 def test_percentile_rank_orders_and_averages_ties():
@@ -273,3 +273,35 @@ def test_recheck_moves_the_samples_outside_dp_whose_label_lost_its_fit():
     assert set(flagged) == {s.clean[3], s.mixed[0]} and s.clean[0] in r.clean  # class 1 keeps its three
     with pytest.raises(CGDError, match="loss shift"):
         recheck(s, np.full(100, np.nan), 0.69)
+
+
+def test_drop_slow_moves_only_the_guide_only_slow_members_of_dp_to_mixed():
+    """D_p has three kinds of member: flagged by the model score (learned fast: stays), flagged by the guide alone
+    and learned fast for their class (stays: the guide's poison), flagged by the guide alone and learned slowly
+    (moves to mixed: the guide's false alarm on a clean image)."""
+    rng = np.random.default_rng(0)
+    n = 200
+    labels = np.arange(n) % 2
+    guide_nll, model_nll = rng.uniform(1, 2, n), rng.uniform(1, 2, n)
+    fast, guide_fast, guide_slow = [0, 1], [2, 3], [4, 5]
+    model_nll[fast] = 0.0  # lowest model loss: the model score flags them
+    guide_nll[guide_fast + guide_slow + fast] = 10.0  # the guide flags these (and the fast ones too)
+    model_nll[guide_fast] = 1.05  # learned faster than most of their class
+    model_nll[guide_slow] = 1.99  # learned slowest in their class
+    s = split(guide_nll, model_nll, sigma1=0.2, sigma2=0.1)
+    assert set(fast + guide_fast + guide_slow) <= set(s.poison)
+    r = drop_slow(s, labels, 0.7, 0.1)
+    assert set(guide_slow) <= set(r.mixed) and not set(guide_slow) & set(r.poison)
+    assert set(fast + guide_fast) <= set(r.poison)
+    assert set(r.clean) == set(s.clean) and len(r.clean) + len(r.poison) + len(r.mixed) == n
+    assert r.info["dp_drop_slow"]["moved"] == len(set(s.poison) - set(r.poison)) >= 2
+    # through the config: off by default, on with split.dp_drop_slow
+    g = np.stack([-guide_nll, np.zeros(n)], 1)
+    g[labels == 1] = g[labels == 1][:, ::-1]  # the given label's logit is -guide_nll
+    off = split_by(SplitConfig(refine_rounds=0, purify=0.0, min_clean_per_class=0), labels, g, model_nll)
+    on = split_by(SplitConfig(refine_rounds=0, purify=0.0, min_clean_per_class=0, dp_drop_slow=0.7), labels, g,
+                  model_nll)
+    assert "dp_drop_slow" not in off.info and on.info["dp_drop_slow"]["moved"] >= 2
+    assert set(guide_slow) <= set(off.poison) and set(guide_slow) <= set(on.mixed)
+    with pytest.raises(CGDError, match="dp_drop_slow"):
+        SplitConfig(dp_drop_slow=1.5)

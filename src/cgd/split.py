@@ -17,6 +17,7 @@ recorded training loss over the early epochs `history_window` picks.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
@@ -48,10 +49,13 @@ class SplitConfig:
     min_clean_per_class: int = 5  # `fill_clean_classes`: every class keeps at least this many samples in D_c
     recheck: float = 0.0  # after one unlearning pass, samples outside D_p whose given label's NLL rose by more than
     # this move into D_p and unlearning starts again from the victim (`recheck`; 0: off; under study, issue 13)
+    dp_drop_slow: float = 0.0  # D_p members only the guide put there and that the model learned slowly for their
+    # class (per-class model rank > this) move to mixed (`drop_slow`; 0: off; under study, issue 13)
 
     RANGES = {"sigma1": Real(0, 0.5, closed=True), "sigma2": Real(0, 0.5, closed=True),
               "purify": Real(0, 1, closed=True), "neighbours": Int(1, 1000), "refine_rounds": Int(0, 10),
-              "min_clean_per_class": Int(0, 1000), "recheck": Real(0, 100, closed=True)}
+              "min_clean_per_class": Int(0, 1000), "recheck": Real(0, 100, closed=True),
+              "dp_drop_slow": Real(0, 1, closed=True)}
 
     def __post_init__(self):
         for name, rule in self.RANGES.items():
@@ -350,6 +354,18 @@ def recheck(s: Split, shift: np.ndarray, threshold: float, labels: np.ndarray | 
     return replace(into_poison(s, flagged), info=info), flagged
 
 
+def drop_slow(s: Split, labels: np.ndarray, above: float, sigma2: float) -> Split:
+    """The split with the guide's likely false alarms taken out of D_p into mixed: members of D_p that the model
+    score did not flag (model rank ≥ `sigma2`: only the guide put them there) and that the model learned slowly for
+    their class (per-class model rank > `above`). Those are clean images of a class the guide confuses with
+    another; unlearning would push them off their true labels. Poison the guide finds is learned fast, so it stays.
+    D_c is unchanged; `info` records how many moved."""
+    slow = per_class_rank(s.model_nll, labels) > above
+    drop = np.intersect1d(s.poison, np.flatnonzero((s.model_rank >= sigma2) & slow))
+    return replace(s, poison=np.setdiff1d(s.poison, drop), mixed=np.union1d(s.mixed, drop),
+                   info={**s.info, "dp_drop_slow": {"above": above, "moved": int(len(drop))}})
+
+
 def into_poison(s: Split, indices: np.ndarray) -> Split:
     """The split with `indices` moved into D_p (out of D_c and mixed); scores, guide logits and info kept."""
     return replace(s, clean=np.setdiff1d(s.clean, indices), poison=np.union1d(s.poison, indices),
@@ -465,6 +481,36 @@ def per_class_rank(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
         idx = np.flatnonzero(labels == c)
         out[idx] = percentile_rank(scores[idx])
     return out
+
+
+def within_class_ss(values: np.ndarray, upper: np.ndarray) -> float:
+    """Σ over the two classes (`upper` True / False) of the squared deviations from the class mean — what a Jenks
+    natural break minimises (the "sum of squared deviations from class means")."""
+    v = np.asarray(values, dtype=np.float64)
+    return float(sum(((v[m] - v[m].mean()) ** 2).sum() for m in (upper, ~upper) if m.any()))
+
+
+def jenks_two_classes(values: np.ndarray) -> float:
+    """The two-class Jenks natural break of 1-D `values`, exact: the largest value of the lower class (jenkspy's
+    `jenks_breaks(values, 2)[1]`), chosen among all thresholds between distinct values by the smallest within-class
+    sum of squares (for two classes this is also Otsu's threshold: the largest between-class variance). Every
+    optimal two-class partition of a line can be taken with equal values in one class, so thresholds between
+    distinct values are all it needs to try; O(N log N) by prefix sums over the sorted values. The upper class is
+    `values > break`; with fewer than two distinct values there is no split and the break is +inf."""
+    v = np.sort(np.asarray(values, dtype=np.float64).ravel())
+    if not np.isfinite(v).all():
+        raise CGDError("the scores to split in two contain NaN or infinity")
+    n = len(v)
+    cut = np.flatnonzero(v[1:] > v[:-1]) + 1  # lower class = v[:k] for each k in `cut`
+    if len(cut) == 0:
+        return math.inf
+    c = v - v.mean()  # centred: the prefix sums of squares stay well conditioned
+    s1, s2 = np.cumsum(c), np.cumsum(c * c)
+    k = cut.astype(np.float64)
+    lo1, lo2 = s1[cut - 1], s2[cut - 1]
+    hi1, hi2 = s1[-1] - lo1, s2[-1] - lo2
+    ss = (lo2 - lo1 ** 2 / k) + (hi2 - hi1 ** 2 / (n - k))
+    return float(v[cut[int(np.argmin(ss))] - 1])
 
 
 def bimodality(scores: np.ndarray, labels: np.ndarray) -> dict[int, float]:
@@ -605,4 +651,5 @@ def split_by(config: SplitConfig, labels, guide_logits, model_losses, *, guide_f
         g = probe_logits(guide_features, labels, s.clean, num_classes, seed=seed, groups=groups)
         s = one_split(g)
     info.update(refine_rounds=rounds, purify=keep)
-    return replace(s, guide_logits=g, info=info)
+    s = replace(s, guide_logits=g, info=info)
+    return drop_slow(s, labels, config.dp_drop_slow, config.sigma2) if config.dp_drop_slow else s

@@ -22,45 +22,13 @@ from torch import nn
 from .. import CGDError
 from ..data import ImageSet
 from ..schema import check_types
-from ..split import Split, percentile_rank
+from ..split import Split, jenks_two_classes, percentile_rank
 from ..tensors import AUGMENTS, to_input
 from ..train import TrainConfig, TrainResult, make_optimizer
 from .abl import per_sample_loss, stage
 from .base import DEFENSES, Context, Defense, DefenseResult, one_view, timed
 
 PRESET_MODELS = ("snapshot", "final")
-
-
-# ------------------------------------------------------------------------------------------------ natural break
-
-def within_class_ss(values: np.ndarray, upper: np.ndarray) -> float:
-    """Σ over the two classes (`upper` True / False) of the squared deviations from the class mean — what a Jenks
-    natural break minimises (the "sum of squared deviations from class means")."""
-    v = np.asarray(values, dtype=np.float64)
-    return float(sum(((v[m] - v[m].mean()) ** 2).sum() for m in (upper, ~upper) if m.any()))
-
-
-def jenks_two_classes(values: np.ndarray) -> float:
-    """The two-class Jenks natural break of 1-D `values`, exact: the largest value of the lower class (jenkspy's
-    `jenks_breaks(values, 2)[1]`), chosen among all thresholds between distinct values by the smallest within-class
-    sum of squares (for two classes this is also Otsu's threshold: the largest between-class variance). Every
-    optimal two-class partition of a line can be taken with equal values in one class, so thresholds between
-    distinct values are all it needs to try; O(N log N) by prefix sums over the sorted values. The upper class is
-    `values > break`; with fewer than two distinct values there is no split and the break is +inf."""
-    v = np.sort(np.asarray(values, dtype=np.float64).ravel())
-    if not np.isfinite(v).all():
-        raise CGDError("pipd: the scores to split contain NaN or infinity")
-    n = len(v)
-    cut = np.flatnonzero(v[1:] > v[:-1]) + 1  # lower class = v[:k] for each k in `cut`
-    if len(cut) == 0:
-        return math.inf
-    c = v - v.mean()  # centred: the prefix sums of squares stay well conditioned
-    s1, s2 = np.cumsum(c), np.cumsum(c * c)
-    k = cut.astype(np.float64)
-    lo1, lo2 = s1[cut - 1], s2[cut - 1]
-    hi1, hi2 = s1[-1] - lo1, s2[-1] - lo2
-    ss = (lo2 - lo1 ** 2 / k) + (hi2 - hi1 ** 2 / (n - k))
-    return float(v[cut[int(np.argmin(ss))] - 1])
 
 
 # ------------------------------------------------------------------------------------------------ activations

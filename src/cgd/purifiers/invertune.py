@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from .. import CGDError
 from ..data import ImageSet
+from ..split import jenks_two_classes
 from ..guides.clip import ClipGuide, clip_pixels
 from .check import DEFAULT_EPS, check_guide
 from .methods import PURIFIERS, Purifier, PurifyReport, embedding_drift, frozen_copy, normalisation
@@ -82,8 +83,6 @@ def critical_layers(diffs: np.ndarray) -> np.ndarray:
 
 def critical_neurons(delta: np.ndarray) -> np.ndarray:
     """Boolean mask of the upper of the two 1-D clusters of |Δμ| (the largest value alone when all are equal)."""
-    from ..defenses.pipd import jenks_two_classes
-
     d = np.abs(delta)
     cut = jenks_two_classes(d)
     return d > cut if np.isfinite(cut) else d >= d.max()
