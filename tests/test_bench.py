@@ -72,3 +72,28 @@ def test_clean_control_cell_runs_without_poison(tiny, tmp_path, monkeypatch):
     assert cell["poisoned"] == 0 and cell["detection"]["poison_in_clean"] == 0
     assert cell["detection"]["tpr"] is None  # undefined (NaN, written as null): no poison to find
     assert 0 <= cell["ca"] <= 1 and cell["before"]["ca"] > 0.5
+
+
+def test_baseline_tables_put_each_cell_in_its_place_with_the_papers_numbers_beside():
+    t = {"victim_train_s": 1000.0}
+    cells = [
+        {"attack": "badnets", "defense": "none", "ca": 0.86, "asr": 0.96, "clean_to_target": 0.016, "timings": t},
+        {"attack": "badnets", "defense": "cgd-cpu", "ca": 0.863, "asr": 0.015, "clean_to_target": 0.019,
+         "timings": {**t, "guide_s": 100.0, "split_s": 50.0, "unlearn_s": 50.0}},
+        {"attack": "badnets", "defense": "ep", "ca": 0.83, "asr": 0.018, "clean_to_target": 0.015, "wall_s": 50.0,
+         "cpu_s": 99.0, "timings": {**t, "prune_s": 0.2}},
+        {"attack": "sig", "defense": "fp-oracle", "ca": 0.8, "asr": 0.5, "clean_to_target": 0.02, "wall_s": 400.0,
+         "cpu_s": 700.0, "timings": {**t, "finetune_s": 390.0}},
+        {"attack": "sig", "defense": "fp-sc", "ca": 0.81, "asr": 0.1, "clean_to_target": 0.02, "wall_s": 800.0,
+         "cpu_s": 1500.0, "timings": {**t, "finetune_s": 700.0}},
+    ]
+    md = bench.baseline_tables(cells)
+    t1, t2, t3 = md.split("**Table ")[1:]
+    assert "| defense | badnets | sig |" in t1  # attacks in the paper's order
+    assert "| cgd-cpu | 86.3 / 1.5 / 1.9 (92.8 / 0) | · (93.3 / 0) |" in t1  # the paper beside a cell not run
+    assert "| ep | 83.0 / 1.8 / 1.5 (91 / 0.8) | · (92.1 / 12.5) |" in t1
+    assert t1.index("| none |") < t1.index("| cgd-cpu |") < t1.index("| ep |") < t1.index("| fp-oracle |")
+    assert "| ep | badnets | 50 | 99 | 0.05 | 4.00 | 1,050 |" in t2  # CGD's 200 s over EP's 50 s
+    assert "| cgd-cpu | badnets | 200 (guide 100, split 50, unlearn 50) | – | 0.20 | – | 1,154 |" in t2
+    assert "| sig | fp | 80.0 / 50.0 / 2.0 | 81.0 / 10.0 / 2.0 | clean-label: 92.4 / 58 → 93.2 / 57.2 |" in t3
+    assert "| none |" not in t2 and "badnets | fp" not in t3

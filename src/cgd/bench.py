@@ -213,3 +213,128 @@ def run_baseline(attack: str, defense: str, cfg: dict, root: Path, data: str = "
     log(f"{attack} {label}: CA {m['after']['ca']:.4f} ASR {m['after']['asr']:.4f} "
         f"({wall:.0f} s wall, {cpu:.0f} s CPU)")
     return out
+
+
+# ------------------------------------------------------------------------------------------------ issue 14's tables
+
+# The CGD paper's numbers (CIFAR-10, PreActResNet18, one GPU), for the columns beside ours. Table 1: CA / ASR in %.
+PAPER_TABLE1 = {
+    "badnets": {"none": (91.8, 93.8), "abl": (90.8, 1.1), "dbd": (92.1, 2.6), "asd": (92.0, 2.1),
+                "d-br": (91.0, 1.5), "ep": (91.0, 0.8), "reback": (91.7, 4.3), "pipd": (92.9, 0.5),
+                "mspc": (92.8, 0.3), "cgd-cpu": (92.8, 0.0)},
+    "blend": {"none": (93.7, 99.8), "abl": (86.2, 4.4), "dbd": (93.0, 100.0), "asd": (93.0, 5.3),
+              "d-br": (85.1, 0.0), "ep": (91.6, 96.1), "reback": (91.7, 2.4), "pipd": (93.1, 5.3),
+              "mspc": (92.7, 0.7), "cgd-cpu": (93.2, 0.0)},
+    "wanet": {"none": (90.6, 96.9), "abl": (89.9, 81.2), "dbd": (90.5, 2.6), "asd": (91.7, 8.8),
+              "d-br": (84.3, 60.2), "ep": (89.8, 91.1), "reback": (90.2, 84.4), "pipd": (93.4, 11.4),
+              "mspc": (93.0, 54.2), "cgd-cpu": (94.0, 0.3)},
+    "ctrl": {"none": (93.6, 95.9), "abl": (88.2, 2.4), "dbd": (92.1, 57.8), "asd": (91.3, 89.3),
+             "d-br": (90.5, 98.3), "ep": (92.3, 1.1), "reback": (91.4, 96.2), "pipd": (90.1, 12.6),
+             "mspc": (91.8, 77.3), "cgd-cpu": (93.6, 0.1)},
+    "sig": {"none": (93.6, 93.9), "abl": (88.2, 0.4), "dbd": (89.2, 97.5), "asd": (92.2, 99.5),
+            "d-br": (91.3, 49.6), "ep": (92.1, 12.5), "reback": (87.4, 29.9), "pipd": (93.2, 13.5),
+            "mspc": (91.0, 10.3), "cgd-cpu": (93.3, 0.0)},
+    "flip": {"none": (89.9, 99.2), "abl": (84.8, 99.6), "dbd": (92.3, 1.6), "asd": (86.9, 62.2),
+             "d-br": (83.9, 22.1), "ep": (89.9, 98.5), "reback": (90.0, 39.7), "pipd": (91.4, 66.9),
+             "mspc": (91.6, 17.2), "cgd-cpu": (92.5, 0.5)},
+}
+# Table 2: total seconds (victim training included where the method starts from the victim)
+PAPER_TABLE2_TOTAL = {"abl": 2166, "dbd": 26971, "asd": 7293, "d-br": 5553, "ep": 1050, "reback": 1201,
+                      "pipd": 2760, "mspc": 3193, "cgd-cpu": 1154}
+# Table 3: category averages (CA / ASR in %) with 5 % truly clean data ("-oracle") and on CGD's D_c ("-sc")
+PAPER_TABLE3 = {
+    "classic": {"fp": ((92.1, 21.7), (93.3, 18.2)), "mcr": ((92.6, 51.1), (91.0, 1.4)),
+                "i-bau": ((86.4, 16.5), (90.7, 25.7)), "anp": ((85.3, 21.4), (86.6, 18.8))},
+    "dynamic": {"fp": ((92.8, 30.9), (94.0, 25.2)), "mcr": ((72.6, 47.9), (87.6, 24.3)),
+                "i-bau": ((90.5, 30.3), (91.8, 6.2)), "anp": ((87.2, 1.1), (85.7, 0.6))},
+    "clean-label": {"fp": ((92.4, 58.0), (93.2, 57.2)), "mcr": ((93.3, 82.5), (90.8, 5.7)),
+                    "i-bau": ((88.7, 16.0), (90.8, 17.8)), "anp": ((86.5, 24.9), (87.5, 9.7))},
+    "clean-image": {"fp": ((92.1, 17.7), (92.7, 15.8)), "mcr": ((92.9, 38.5), (91.3, 1.0)),
+                    "i-bau": ((89.4, 6.6), (90.4, 43.4)), "anp": ((84.9, 0.3), (85.8, 0.1))},
+}
+ATTACK_CATEGORY = {"badnets": "classic", "blend": "classic", "wanet": "dynamic", "iab": "dynamic", "bpp": "dynamic",
+                   "ssba": "dynamic", "sig": "clean-label", "lc": "clean-label", "ctrl": "clean-label",
+                   "flip": "clean-image", "gcb": "clean-image"}
+CLEAN_DATA_DEFENSES = ("fp", "mcr", "i-bau", "anp")
+DEFENSE_ORDER = ("none", "cgd-cpu", "ep", "reback", "pipd", "abl", "d-br", "asd", "dbd", "mspc",
+                 *(f"{d}-{v}" for d in CLEAN_DATA_DEFENSES for v in ("oracle", "sc")))
+
+
+def defense_seconds(cell: dict) -> float | None:
+    """A cell's defense cost in wall seconds: its measured wall time (baseline cells), or for CGD's bench cells
+    the sum of its stages (guide, split, unlearning)."""
+    if cell.get("wall_s") is not None:
+        return float(cell["wall_s"])
+    t = {k: v for k, v in cell.get("timings", {}).items() if k.endswith("_s") and k != "victim_train_s"}
+    return float(sum(t.values())) if t else None
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.1f}"
+
+
+def _triple(cell: dict | None) -> str:
+    """"CA / ASR / clean→target" in % of a cell, "·" for a cell not run."""
+    if cell is None:
+        return "·"
+    return f"{_pct(cell['ca'])} / {_pct(cell['asr'])} / {_pct(cell.get('clean_to_target'))}"
+
+
+def baseline_tables(cells: list[dict]) -> str:
+    """issue 14's three Markdown tables from benchmark cells (the JSON dicts `run_benchmark` and `run_baseline`
+    write; for each (attack, defense) the last given wins): Table 1, CA / ASR / clean→target (%) per defense and
+    attack, the paper's CA / ASR beside; Table 2, wall seconds per stage, × the victim's training time and CGD's
+    cost as a share of each defense's, per attack; Table 3, the clean-data defenses with 5 % truly clean data
+    (oracle) vs CGD's split-clean D_c (-SC), the paper's category average beside."""
+    by = {(c["attack"], c["defense"]): c for c in cells}
+    attacks_ = sorted({a for a, _ in by}, key=lambda a: (list(PAPER_TABLE1).index(a) if a in PAPER_TABLE1 else 99, a))
+    present = {d for _, d in by}
+    defenses_ = [d for d in DEFENSE_ORDER if d in present] + sorted(present - set(DEFENSE_ORDER))
+    out = ["**Table 1** — CA / ASR / clean→target (%) on the same victim per attack; in brackets the paper's CA / ASR "
+           "(PreActResNet18). CGD uses outside knowledge (the guide); the `-oracle` rows use 5 % truly clean data "
+           "chosen with the poison mask (no user has it).", "",
+           "| defense | " + " | ".join(attacks_) + " |", "|---" * (len(attacks_) + 1) + "|"]
+    for d in defenses_:
+        row = []
+        for a in attacks_:
+            c = by.get((a, d))
+            paper = PAPER_TABLE1.get(a, {}).get(d)
+            row.append(_triple(c) + (f" ({paper[0]:g} / {paper[1]:g})" if paper else ""))
+        out.append(f"| {d} | " + " | ".join(row) + " |")
+    out += ["", "**Table 2** — cost, wall seconds (stages in brackets), × the victim's training time, and CGD's "
+            "stages as a share of the defense's cost, same machine; paper total (one GPU, victim included where the "
+            "method starts from it) beside.", "",
+            "| defense | attack | wall s (stages) | CPU s | × victim | CGD / defense | paper total s |",
+            "|---|---|---|---|---|---|---|"]
+    for d in defenses_:
+        if d == "none":
+            continue
+        for a in attacks_:
+            c = by.get((a, d))
+            if c is None:
+                continue
+            t = c.get("timings", {})
+            victim_s = t.get("victim_train_s")
+            s = defense_seconds(c)
+            cgd = defense_seconds(by[(a, "cgd-cpu")]) if (a, "cgd-cpu") in by else None
+            stages = ", ".join(f"{k.removesuffix('_s')} {v:.0f}" for k, v in t.items()
+                               if k.endswith("_s") and k != "victim_train_s" and v >= 0.5)
+            cols = [f"{s:.0f}" + (f" ({stages})" if stages else ""),
+                    f"{c['cpu_s']:.0f}" if c.get("cpu_s") is not None else "–",
+                    f"{s / victim_s:.2f}" if victim_s and s else "–",
+                    f"{cgd / s:.2f}" if cgd and s and d != "cgd-cpu" else "–",
+                    f"{PAPER_TABLE2_TOTAL[d]:,}" if d in PAPER_TABLE2_TOTAL else "–"]
+            out.append(f"| {d} | {a} | " + " | ".join(cols) + " |")
+    out += ["", "**Table 3** — clean-data defenses: 5 % truly clean data (oracle) vs CGD's split-clean D_c (-SC), "
+            "CA / ASR / clean→target (%); the paper's category average (CA / ASR, oracle → SC) beside.", "",
+            "| attack | defense | oracle | -SC | paper: oracle → SC |", "|---|---|---|---|---|"]
+    for a in attacks_:
+        for d in CLEAN_DATA_DEFENSES:
+            o, sc = by.get((a, f"{d}-oracle")), by.get((a, f"{d}-sc"))
+            if o is None and sc is None:
+                continue
+            cat = ATTACK_CATEGORY.get(a)
+            p = PAPER_TABLE3.get(cat, {}).get(d)
+            paper = f"{cat}: {p[0][0]:g} / {p[0][1]:g} → {p[1][0]:g} / {p[1][1]:g}" if p else "–"
+            out.append(f"| {a} | {d} | {_triple(o)} | {_triple(sc)} | {paper} |")
+    return "\n".join(out) + "\n"
