@@ -130,9 +130,15 @@ def test_fp_sc_trains_on_cgds_split_clean(tiny, poisoned, tmp_path):
     run = tmp_path / "run"
     m = defend(poisoned.train, cfg, run, guide=LabelGuide(tiny.train.labels), poison_mask=poisoned.poison_mask,
                poisoned=poisoned, test=tiny.test, log=lambda s: None)
-    assert m["clean_source"] == "split-clean" and m["clean"] == m["sizes"]["clean"]
+    assert m["clean_source"] == "split-clean" and m["clean"] == m["sizes"]["clean"] == m["used"]
     assert m["detection"]["tpr"] > 0.5 and "guide_s" in m["timings"] and "finetune_s" in m["timings"]
     assert all((run / f).exists() for f in SPLIT_OUTPUTS)
+    capped = defend(poisoned.train, tiny_cfg(**{"defense.name": "fp-sc", "defense.params.epochs": 1,
+                                                "defense.params.max_clean": 50}), tmp_path / "capped",
+                    guide=LabelGuide(tiny.train.labels), poison_mask=poisoned.poison_mask, poisoned=poisoned,
+                    test=tiny.test, log=lambda s: None)
+    assert capped["used"] == 50 < capped["clean"] and capped["held_out"] == 5  # the budget's cap, then the slice
+    assert defenses.get("fp-sc").max_clean == 10_000 and defenses.get("fp", max_clean=0).max_clean is None
 
 
 # ------------------------------------------------------------------------------------------------ runs

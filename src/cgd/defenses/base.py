@@ -73,6 +73,7 @@ class CleanDataDefense(Defense):
 
     clean_source = "given"
     min_clean = 1  # fewer trusted samples than this is an error
+    max_clean: int | None = None  # use at most this many of the trusted samples (None: all); the "-sc" budgets
 
     def clean_data(self, train: ImageSet, victim: TrainResult, context: Context, timings: dict):
         """(trusted clean indices, the split that made them or None), from `trusted_clean` and checked: distinct
@@ -87,6 +88,12 @@ class CleanDataDefense(Defense):
             raise CGDError(f"{self.name}: {len(clean)} trusted clean samples ({self.clean_source}), fewer than the "
                            f"{self.min_clean} it needs")
         return clean.astype(np.int64), split
+
+    def capped(self, clean: np.ndarray, seed: int) -> np.ndarray:
+        """At most `max_clean` of the trusted `clean` indices, drawn with `seed` (sorted); all when uncapped."""
+        if self.max_clean is None or len(clean) <= self.max_clean:
+            return clean
+        return np.sort(np.random.default_rng(seed).choice(clean, self.max_clean, replace=False))
 
     def trusted_clean(self, train: ImageSet, victim: TrainResult, context: Context, timings: dict):
         """The source of the clean indices: `Context.clean_indices` here; CGD's D_c in the "-sc" variants."""

@@ -173,9 +173,7 @@ class IBAU(CleanDataDefense):
         timings: dict[str, float] = {}
         clean, split = self.clean_data(train, victim, context, timings)
         gen = torch.Generator().manual_seed(context.seed)
-        used = clean
-        if self.max_clean is not None and len(clean) > self.max_clean:
-            used = np.sort(np.random.default_rng(context.seed).choice(clean, self.max_clean, replace=False))
+        used = self.capped(clean, context.seed)
         model = copy.deepcopy(victim.model).eval()
         info = {"clean_source": self.clean_source, "clean": int(len(clean)), "used": int(len(used)),
                 "n_rounds": self.n_rounds, "k": self.k, "lr": self.lr, "rounds": []}

@@ -222,9 +222,7 @@ class MCR(CleanDataDefense):
     def run(self, train: ImageSet, victim: TrainResult, context: Context) -> DefenseResult:
         timings: dict[str, float] = {}
         clean, split = self.clean_data(train, victim, context, timings)
-        used = clean
-        if self.max_clean is not None and len(clean) > self.max_clean:
-            used = np.sort(np.random.default_rng(context.seed).choice(clean, self.max_clean, replace=False))
+        used = self.capped(clean, context.seed)
         gen = torch.Generator().manual_seed(context.seed)
         x = torch.from_numpy(np.array(train.images[used]))
         y = torch.from_numpy(np.array(train.labels[used], dtype=np.int64))
