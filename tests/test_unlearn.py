@@ -161,3 +161,53 @@ def test_the_held_out_slice_never_takes_a_class_s_last_group():
         assert not set(groups[held]) & set(groups[rest])
     held, _ = hold_out(clean, 0.99, np.random.default_rng(0), groups, labels)
     assert len(held) == 240  # all but one track of class 0 and class 1's only one
+
+
+def test_amplify_pushes_within_its_ball_toward_the_given_label_and_leaves_the_model_as_it_was(tiny, backdoored):
+    from cgd.tensors import MEAN, STD, to_input
+    from cgd.unlearn import amplify
+
+    ps, model = backdoored
+    model.train()
+    bn = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)][0]
+    bn.eval()  # a frozen batch-norm (freeze_bn) must stay frozen
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = to_input(tiny.test.images[:32])
+    y = torch.from_numpy((tiny.test.labels[:32] + 1) % 4)  # a wrong label: the push has work to do
+    xa = amplify(model, x, y, 8 / 255, 3)
+    assert (xa - x).abs().max() <= 8 / 255 / STD + 1e-5 and (xa - x).abs().max() > 4 / 255 / STD
+    assert xa.min() >= (0 - MEAN) / STD - 1e-5 and xa.max() <= (1 - MEAN) / STD + 1e-5
+    with torch.no_grad():
+        model.eval()
+        p = lambda z: torch.softmax(model(z), 1).gather(1, y[:, None]).mean()  # noqa: E731
+        assert p(xa) > 1.15 * p(x)
+    model.train()
+    bn.eval()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # no step, no running stats
+    assert model.training and not bn.training
+
+
+def test_amplified_unlearning_removes_a_trigger_planted_weaker_than_it_is_used(tiny):
+    """An Ada-SIG-like case: the poisoned training images carry the Blend trigger at 30 % of its strength, the test
+    uses it whole. One short cpu pass on a perfect split unlearns the weak copies but leaves the full trigger; the
+    same pass with each D_p batch amplified (16/255) takes it away."""
+    ps = attacks.get("blend", target=0, rate=0.1, seed=0).poison(tiny.train)
+    m = ps.poison_mask
+    x = ps.train.images.copy()
+    x[m] = np.round(tiny.train.images[m] * 0.7 + x[m] * 0.3).astype(np.uint8)
+    torch.manual_seed(0)
+    victim = train(models.get("fastnet", num_classes=4, widths=(16, 32, 32), stem=16), x, ps.train.labels,
+                   TrainConfig(epochs=6, batch_size=64, lr=0.2, augment="none", snapshot_epoch=2)).model
+    trig = ps.triggered_test(tiny.test)
+    assert accuracy(victim, trig.images, trig.labels) > 0.9  # the weak copies planted the full trigger
+    s = _oracle_split(ps)
+    guide = np.eye(4, dtype=np.float32)[tiny.train.labels] * 3
+    asr = {}
+    for eps in (0.0, 16 / 255):
+        res = unlearn(victim, x, ps.train.labels, s, guide,
+                      recipe("cpu", epochs=1, min_steps=60, batch_size=16, lr=0.02, amplify_eps=eps), 4)
+        asr[eps] = accuracy(res.model, trig.images, trig.labels)
+        assert accuracy(res.model, tiny.test.images, tiny.test.labels) > 0.95
+    assert asr[0.0] > 0.4 and asr[16 / 255] < 0.1, asr
+    with pytest.raises(CGDError, match="amplify"):
+        UnlearnConfig(amplify_eps=-0.1)

@@ -24,7 +24,7 @@ from torch import nn
 from . import CGDError
 from .progress import progress
 from .split import Split, oversample_clean
-from .tensors import accuracy, augment, to_input
+from .tensors import MEAN, STD, accuracy, augment, to_input
 from .train import make_optimizer
 
 
@@ -51,6 +51,9 @@ class UnlearnConfig:
     freeze_bn: bool = False  # keep the victim's batch-norm statistics instead of re-estimating them on D_c + D_p
     prior: str = "labels"  # D_c is oversampled to the class shares of "labels" (all training labels, the paper) or
     # "guide" (the guide's mean predicted probabilities: poisoned labels do not inflate the target class)
+    amplify_eps: float = 0.0  # > 0: each D_p batch is first pushed, within an L∞ ball of this radius (pixels in
+    # [0, 1]), toward its given label under the model being unlearned (`amplify`; 0: off; under study, issue 13)
+    amplify_steps: int = 3  # sign-gradient steps of that push
     holdout: float = 0.05  # share of D_c held out to watch clean accuracy
     tau: float = 0.02  # stop when held-out accuracy falls more than this (plus its noise, `allowed_drop`) below
     # its starting value (with lr_decay: when the final model does; the original model is returned then)
@@ -61,6 +64,9 @@ class UnlearnConfig:
             raise CGDError(f"label_smoothing must be in [0, 1); got {self.label_smoothing}")
         if self.prior not in ("labels", "guide"):
             raise CGDError(f"unknown unlearning prior {self.prior!r}: use 'labels' or 'guide'")
+        if not (0 <= self.amplify_eps <= 1 and type(self.amplify_steps) is int and self.amplify_steps >= 1):
+            raise CGDError(f"need 0 <= amplify_eps <= 1 and amplify_steps >= 1; got {self.amplify_eps}, "
+                           f"{self.amplify_steps}")
 
 
 RECIPES: dict[str, dict] = {
@@ -94,6 +100,29 @@ def unlearning_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str, eps: 
     if kind == "log-not-p":
         return -torch.log1p(-p_y + eps).mean()
     raise CGDError(f"unknown unlearn_loss {kind!r}: use 'log-p' or 'log-not-p'")
+
+
+def amplify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int) -> torch.Tensor:
+    """`x` (model inputs) moved by sign-gradient steps, within an L∞ ball of `eps` in [0, 1] pixel units and the
+    valid pixel range, toward a higher probability of the labels `y` under `model` (batch-norm in eval mode; the
+    model's weights get no gradient). On a suspected-poison batch this strengthens whatever the model links to the
+    given label: a trigger planted weaker than it is used at test time (Ada-SIG) is then unlearned at a strength
+    closer to the attack's."""
+    modes = {m: m.training for m in model.modules()}  # restored as they were (frozen batch-norm stays frozen)
+    model.eval()
+    r, lo, hi = eps / STD, (0 - MEAN) / STD, (1 - MEAN) / STD
+    delta = torch.zeros_like(x, requires_grad=True)
+    with torch.enable_grad():
+        for _ in range(steps):
+            logp = F.log_softmax(model(x + delta), 1).gather(1, y[:, None]).sum()
+            (g,) = torch.autograd.grad(logp, delta)
+            with torch.no_grad():
+                delta += 2.5 * r / steps * g.sign()
+                delta.clamp_(-r, r)
+                delta.copy_((x + delta).clamp(lo, hi) - x)
+    for m, mode in modes.items():
+        m.training = mode
+    return (x + delta).detach()
 
 
 def distill_loss(student_logits: torch.Tensor, guide_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -196,6 +225,8 @@ def unlearn(model: nn.Module, images: np.ndarray, labels: np.ndarray, s: Split, 
                 j = (b * pb) % len(p_order)
                 ip = torch.from_numpy(np.take(p_order, np.arange(j, j + pb), mode="wrap"))
                 xp = augment(to_input(x_all[ip]), config.augment, gen)
+                if config.amplify_eps:
+                    xp = amplify(model, xp, y_all[ip], config.amplify_eps, config.amplify_steps)
                 logits = model(torch.cat([x, xp]))
                 lc, lp = logits[:len(ic)], logits[len(ic):]
                 l_un = unlearning_loss(lp, y_all[ip], config.unlearn_loss, config.eps)
