@@ -15,7 +15,9 @@ from .reback import ReBack  # (registers "reback")
 from .anp import ANP, ANPSC  # (registers "anp", "anp-sc")
 from .pipd import PIPD  # (registers "pipd")
 from .dbr import DBR  # (registers "d-br")
+from .asd import ASD, ASDSC  # (registers "asd", "asd-sc")
+from .dbd import DBD  # (registers "dbd")
 from .mspc import MSPC  # (registers "mspc")
 
-__all__ = ["ABL", "ANP", "ANPSC", "CGD", "DBR", "DEFENSES", "EP", "FP", "FPSC", "IBAU", "IBAUSC", "MCR", "MCRSC", "MSPC", "PIPD",
+__all__ = ["ABL", "ANP", "ANPSC", "ASD", "ASDSC", "CGD", "DBD", "DBR", "DEFENSES", "EP", "FP", "FPSC", "IBAU", "IBAUSC", "MCR", "MCRSC", "MSPC", "PIPD",
            "ReBack", "Context", "Defense", "DefenseResult", "defend", "get", "list"]
