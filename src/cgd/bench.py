@@ -239,6 +239,7 @@ PAPER_TABLE1 = {
              "mspc": (91.6, 17.2), "cgd-cpu": (92.5, 0.5)},
 }
 # Table 2: total seconds (victim training included where the method starts from the victim)
+PAPER_ALIAS = {"asd-sc": "asd"}  # the paper's ASD seeds with ten truly clean images per class; ours with CGD's D_c
 PAPER_TABLE2_TOTAL = {"abl": 2166, "dbd": 26971, "asd": 7293, "d-br": 5553, "ep": 1050, "reback": 1201,
                       "pipd": 2760, "mspc": 3193, "cgd-cpu": 1154}
 # Table 3: category averages (CA / ASR in %) with 5 % truly clean data ("-oracle") and on CGD's D_c ("-sc")
@@ -256,7 +257,7 @@ ATTACK_CATEGORY = {"badnets": "classic", "blend": "classic", "wanet": "dynamic",
                    "ssba": "dynamic", "sig": "clean-label", "lc": "clean-label", "ctrl": "clean-label",
                    "flip": "clean-image", "gcb": "clean-image"}
 CLEAN_DATA_DEFENSES = ("fp", "mcr", "i-bau", "anp")
-DEFENSE_ORDER = ("none", "cgd-cpu", "ep", "reback", "pipd", "abl", "d-br", "asd", "dbd", "mspc",
+DEFENSE_ORDER = ("none", "cgd-cpu", "ep", "reback", "pipd", "abl", "d-br", "asd", "asd-sc", "dbd", "mspc",
                  *(f"{d}-{v}" for d in CLEAN_DATA_DEFENSES for v in ("oracle", "sc")))
 
 
@@ -292,13 +293,14 @@ def baseline_tables(cells: list[dict]) -> str:
     defenses_ = [d for d in DEFENSE_ORDER if d in present] + sorted(present - set(DEFENSE_ORDER))
     out = ["**Table 1** — CA / ASR / clean→target (%) on the same victim per attack; in brackets the paper's CA / ASR "
            "(PreActResNet18). CGD uses outside knowledge (the guide); the `-oracle` rows use 5 % truly clean data "
-           "chosen with the poison mask (no user has it).", "",
+           "chosen with the poison mask (no user has it); `asd-sc` seeds ASD with ten images per class from CGD's D_c "
+           "(the paper's ASD: ten truly clean ones, its number beside).", "",
            "| defense | " + " | ".join(attacks_) + " |", "|---" * (len(attacks_) + 1) + "|"]
     for d in defenses_:
         row = []
         for a in attacks_:
             c = by.get((a, d))
-            paper = PAPER_TABLE1.get(a, {}).get(d)
+            paper = PAPER_TABLE1.get(a, {}).get(PAPER_ALIAS.get(d, d))
             row.append(_triple(c) + (f" ({paper[0]:g} / {paper[1]:g})" if paper else ""))
         out.append(f"| {d} | " + " | ".join(row) + " |")
     out += ["", "**Table 2** — cost, wall seconds (stages in brackets), × the victim's training time, and CGD's "
@@ -323,7 +325,7 @@ def baseline_tables(cells: list[dict]) -> str:
                     f"{c['cpu_s']:.0f}" if c.get("cpu_s") is not None else "–",
                     f"{s / victim_s:.2f}" if victim_s and s else "–",
                     f"{cgd / s:.2f}" if cgd and s and d != "cgd-cpu" else "–",
-                    f"{PAPER_TABLE2_TOTAL[d]:,}" if d in PAPER_TABLE2_TOTAL else "–"]
+                    f"{PAPER_TABLE2_TOTAL[p]:,}" if (p := PAPER_ALIAS.get(d, d)) in PAPER_TABLE2_TOTAL else "–"]
             out.append(f"| {d} | {a} | " + " | ".join(cols) + " |")
     out += ["", "**Table 3** — clean-data defenses: 5 % truly clean data (oracle) vs CGD's split-clean D_c (-SC), "
             "CA / ASR / clean→target (%); the paper's category average (CA / ASR, oracle → SC) beside.", "",
