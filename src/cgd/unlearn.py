@@ -51,8 +51,9 @@ class UnlearnConfig:
     freeze_bn: bool = False  # keep the victim's batch-norm statistics instead of re-estimating them on D_c + D_p
     prior: str = "labels"  # D_c is oversampled to the class shares of "labels" (all training labels, the paper) or
     # "guide" (the guide's mean predicted probabilities: poisoned labels do not inflate the target class)
-    amplify_eps: float = 0.0  # > 0: each D_p batch is first pushed, within an L∞ ball of this radius (pixels in
-    # [0, 1]), toward its given label under the model being unlearned (`amplify`; 0: off; under study, issue 13)
+    amplify_eps: float = 0.0  # > 0: each D_p batch is unlearned beside a copy pushed, within an L∞ ball of this
+    # radius (pixels in [0, 1]), toward its given label under the model being unlearned (`amplify`; 0: off; under
+    # study, issue 13)
     amplify_steps: int = 3  # sign-gradient steps of that push
     holdout: float = 0.05  # share of D_c held out to watch clean accuracy
     tau: float = 0.02  # stop when held-out accuracy falls more than this (plus its noise, `allowed_drop`) below
@@ -225,11 +226,13 @@ def unlearn(model: nn.Module, images: np.ndarray, labels: np.ndarray, s: Split, 
                 j = (b * pb) % len(p_order)
                 ip = torch.from_numpy(np.take(p_order, np.arange(j, j + pb), mode="wrap"))
                 xp = augment(to_input(x_all[ip]), config.augment, gen)
-                if config.amplify_eps:
-                    xp = amplify(model, xp, y_all[ip], config.amplify_eps, config.amplify_steps)
+                if config.amplify_eps:  # each image beside its amplified copy, each at the full weight (an
+                    # amplified confident sample alone gives log-p's push less to act on)
+                    xp = torch.cat([xp, amplify(model, xp, y_all[ip], config.amplify_eps, config.amplify_steps)])
+                    ip = torch.cat([ip, ip])
                 logits = model(torch.cat([x, xp]))
                 lc, lp = logits[:len(ic)], logits[len(ic):]
-                l_un = unlearning_loss(lp, y_all[ip], config.unlearn_loss, config.eps)
+                l_un = unlearning_loss(lp, y_all[ip], config.unlearn_loss, config.eps) * (2 if config.amplify_eps else 1)
                 l_di = distill_loss(lp, g_all[ip], config.temperature)
             else:
                 lc = model(x)
