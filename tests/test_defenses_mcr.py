@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from cgd import CGDError, defenses, models
-from cgd.defenses import mcr
+from cgd.defenses import base, mcr
 from cgd.defenses.guided import CGD
 from cgd.pipeline import defend
 from cgd.split import detection_metrics
@@ -129,7 +129,7 @@ def test_mcr_needs_clean_data_validates_its_params_and_caps_the_clean_set(poison
     with pytest.raises(CGDError, match="max_clean >= 2"):
         defenses.get("mcr", max_clean=1)
     assert defenses.get("mcr", max_clean=0).max_clean is None  # all the clean data, as --param can ask
-    sizes = [len(yb) for _, yb in mcr.batches(torch.zeros(9, 4, 4, 3, dtype=torch.uint8), torch.zeros(9), 4, "none",
+    sizes = [len(yb) for _, yb in base.batches(torch.zeros(9, 4, 4, 3, dtype=torch.uint8), torch.zeros(9), 4, "none",
                                                torch.Generator())]
     assert sizes == [4, 5]  # no batch of one sample (BatchNorm in train mode needs two)
     r = run_mcr(poisoned, victim, ft_epochs=1, curve_epochs=1, max_clean=64)

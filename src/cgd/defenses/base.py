@@ -6,16 +6,20 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
+import torch
 from torch import nn
 
 from .. import CGDError
 from ..data import ImageSet
 from ..registry import Registry
 from ..split import Split
+from ..tensors import augment, to_input
 from ..train import TrainResult
+
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 
 DEFENSES: Registry["Defense"] = Registry("defense")
 
@@ -124,3 +128,42 @@ def one_view(model: nn.Module):
     finally:
         if tta is not None:
             model.flip_tta = tta
+
+
+# ------------------------------------------------------------------------------------------------ training loops
+
+def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, aug: str, gen: torch.Generator) -> Batches:
+    """One shuffled pass over uint8 images `x` (N, H, W, 3) and labels `y`: (model input with `aug`, labels). A
+    last batch of one sample joins the batch before it (BatchNorm in train mode needs two)."""
+    order = torch.randperm(len(y), generator=gen)
+    ends = [*range(batch_size, len(y), batch_size), len(y)]
+    if len(ends) > 1 and ends[-1] - ends[-2] == 1:
+        del ends[-2]
+    start = 0
+    for end in ends:
+        idx = order[start:end]
+        start = end
+        yield augment(to_input(x[idx]), aug, gen), y[idx]
+
+
+def sgd_epochs(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], opt: torch.optim.Optimizer,
+               x: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int, aug: str,
+               gen: torch.Generator, log: Callable[[str], None] | None = None, label: str = "") -> list[float]:
+    """`epochs` shuffled passes of one optimiser step per batch on `loss_fn(input, labels)` (the gradient cleared
+    before each), the lr annealed by a cosine over the epochs (BackdoorBench's CosineAnnealingLR, stepped per
+    epoch). Returns each epoch's mean loss; `log`, when given, hears about every tenth of the epochs."""
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs))
+    losses = []
+    for _ in range(epochs):
+        total = 0.0
+        for xb, yb in batches(x, y, batch_size, aug, gen):
+            loss = loss_fn(xb, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(yb)
+        sched.step()
+        losses.append(total / max(1, len(y)))
+        if log is not None and (len(losses) % max(1, epochs // 10) == 0 or len(losses) == epochs):
+            log(f"{label} epoch {len(losses)}/{epochs}: loss {losses[-1]:.4f}")
+    return losses

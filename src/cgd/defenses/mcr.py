@@ -15,7 +15,7 @@ D_c."""
 from __future__ import annotations
 
 import copy
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
@@ -26,13 +26,12 @@ from torch.func import functional_call
 from .. import CGDError
 from ..data import ImageSet
 from ..schema import check_types
-from ..tensors import AUGMENTS, augment, to_input
+from ..tensors import AUGMENTS
 from ..train import TrainResult, make_optimizer
-from .base import DEFENSES, CleanDataDefense, Context, DefenseResult, timed
+from .base import DEFENSES, Batches, CleanDataDefense, Context, DefenseResult, batches, sgd_epochs, timed
 from .guided import SplitClean
 
 State = dict[str, torch.Tensor]
-Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 
 
 # ------------------------------------------------------------------------------------------------ the curve
@@ -70,44 +69,9 @@ def model_at(template: nn.Module, state: State) -> nn.Module:
     return model.eval()
 
 
-def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, aug: str, gen: torch.Generator) -> Batches:
-    """One shuffled pass over uint8 images `x` (N, H, W, 3) and labels `y`: (model input with `aug`, labels). A
-    last batch of one sample joins the batch before it (BatchNorm in train mode needs two)."""
-    order = torch.randperm(len(y), generator=gen)
-    ends = [*range(batch_size, len(y), batch_size), len(y)]
-    if len(ends) > 1 and ends[-1] - ends[-2] == 1:
-        del ends[-2]
-    start = 0
-    for end in ends:
-        idx = order[start:end]
-        start = end
-        yield augment(to_input(x[idx]), aug, gen), y[idx]
-
-
-def sgd_epochs(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], opt: torch.optim.Optimizer,
-               x: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int, aug: str,
-               gen: torch.Generator) -> list[float]:
-    """`epochs` shuffled passes of one optimiser step per batch on `loss_fn(input, labels)` (the gradient cleared
-    before each), the lr annealed by a cosine over the epochs (BackdoorBench's CosineAnnealingLR, stepped per
-    epoch). Returns each epoch's mean loss."""
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs))
-    losses = []
-    for _ in range(epochs):
-        total = 0.0
-        for xb, yb in batches(x, y, batch_size, aug, gen):
-            loss = loss_fn(xb, yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(yb)
-        sched.step()
-        losses.append(total / max(1, len(y)))
-    return losses
-
-
 def train_curve(net: nn.Module, w0: State, theta: State, w1: State, names: list[str], x: torch.Tensor,
                 y: torch.Tensor, *, epochs: int, lr: float, momentum: float, weight_decay: float, batch_size: int,
-                aug: str, gen: torch.Generator) -> list[float]:
+                aug: str, gen: torch.Generator, log: Callable[[str], None] | None = None) -> list[float]:
     """Train the middle bend θ (in place; its entries `names`, the victim's trainable parameters) so that the
     curve fits the clean data: per batch one t ~ U(0, 1), the CE of `net` (train mode: BatchNorm normalises by the
     batch) evaluated with the parameters φ(t), and one SGD step of θ (its gradient is 2t(1 − t) ∂CE/∂φ; the ends
@@ -123,7 +87,7 @@ def train_curve(net: nn.Module, w0: State, theta: State, w1: State, names: list[
 
     opt = torch.optim.SGD(trained, lr=lr, momentum=momentum, weight_decay=weight_decay)
     try:
-        return sgd_epochs(loss_fn, opt, x, y, epochs, batch_size, aug, gen)
+        return sgd_epochs(loss_fn, opt, x, y, epochs, batch_size, aug, gen, log, "MCR curve")
     finally:
         for p in trained:
             p.requires_grad_(False)
@@ -231,7 +195,7 @@ class MCR(CleanDataDefense):
             ft = copy.deepcopy(victim.model).train()
             opt = make_optimizer(ft, self.ft_lr, self.momentum, self.weight_decay, nesterov=False)
             ft_loss = sgd_epochs(lambda xb, yb: F.cross_entropy(ft(xb), yb), opt, x, y, self.ft_epochs,
-                                 self.batch_size, self.augment, gen)
+                                 self.batch_size, self.augment, gen, context.log, "MCR fine-tuning")
             w1 = state_of(ft.eval())
         names = [k for k, p in victim.model.named_parameters() if p.requires_grad]
         theta = midpoint(w0, w1)
@@ -239,7 +203,7 @@ class MCR(CleanDataDefense):
             curve_loss = train_curve(copy.deepcopy(victim.model), w0, theta, w1, names, x, y,
                                      epochs=self.curve_epochs, lr=self.curve_lr, momentum=self.momentum,
                                      weight_decay=self.weight_decay, batch_size=self.batch_size, aug=self.augment,
-                                     gen=gen)
+                                     gen=gen, log=context.log)
         with timed(timings, "bn_s"):
             model = recompute_bn(model_at(victim.model, curve_point(w0, theta, w1, self.t)),
                                  batches(x, y, self.batch_size, self.augment, gen))

@@ -17,9 +17,9 @@ from torch import nn
 
 from .. import CGDError
 from ..data import ImageSet
-from ..tensors import augment, predict_logits, to_input
+from ..tensors import predict_logits, to_input
 from ..train import TrainResult, make_optimizer
-from .base import DEFENSES, CleanDataDefense, Context, Defense, DefenseResult, one_view, timed
+from .base import DEFENSES, CleanDataDefense, Context, Defense, DefenseResult, one_view, sgd_epochs, timed
 from .guided import SplitClean
 
 
@@ -136,7 +136,7 @@ def masked_accuracy(model: nn.Module, features: np.ndarray, labels: np.ndarray, 
 
 
 def finetune(model: nn.Module, images: np.ndarray, labels: np.ndarray, keep: np.ndarray, epochs: int,
-             lr: float, batch_size: int, weight_decay: float, seed: int) -> list[float]:
+             lr: float, batch_size: int, weight_decay: float, seed: int, log=None) -> list[float]:
     """Fine-tune `model` in place on clean data (SGD m 0.9, cosine lr, flip augmentation, plain CE), the pruned
     head columns held at zero (their gradient is zeroed, so weight decay and momentum leave them 0). Returns the
     mean loss of each epoch."""
@@ -144,26 +144,14 @@ def finetune(model: nn.Module, images: np.ndarray, labels: np.ndarray, keep: np.
     drop = torch.from_numpy(~keep)
     hook = head.weight.register_hook(lambda g: g.masked_fill(drop[None, :], 0.0))
     opt = make_optimizer(model, lr, 0.9, weight_decay, nesterov=False)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs))
     x_all, y_all = torch.from_numpy(np.array(images)), torch.from_numpy(np.asarray(labels, dtype=np.int64))
-    gen, losses = torch.Generator().manual_seed(seed), []
+    model.train()
     try:
-        for _ in range(epochs):
-            model.train()
-            order, total = torch.randperm(len(y_all), generator=gen), 0.0
-            for b in range(0, len(order), batch_size):
-                idx = order[b:b + batch_size]
-                loss = F.cross_entropy(model(augment(to_input(x_all[idx]), "flip", gen)), y_all[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += loss.item() * len(idx)
-            sched.step()
-            losses.append(total / max(1, len(order)))
+        return sgd_epochs(lambda xb, yb: F.cross_entropy(model(xb), yb), opt, x_all, y_all, epochs, batch_size,
+                          "flip", torch.Generator().manual_seed(seed), log, "FP fine-tuning")
     finally:
         hook.remove()
-    model.eval()
-    return losses
+        model.eval()
 
 
 @DEFENSES.register("fp")
@@ -225,7 +213,7 @@ class FP(CleanDataDefense):
         context.log(f"FP: pruned {pruned} of {c} last-layer channels (held-out accuracy {base:.3f} unpruned)")
         with timed(timings, "finetune_s"):
             losses = finetune(model, train.images[tune], train.labels[tune], keep, self.epochs, self.lr,
-                              self.batch_size, self.weight_decay, context.seed)
+                              self.batch_size, self.weight_decay, context.seed, context.log)
         info = {"clean_source": self.clean_source, "clean": int(len(given)), "used": int(len(clean)),
                 "held_out": int(n_hold),
                 "pruned": int(pruned), "channels": int(c), "held_out_acc_unpruned": base, "sweep": sweep,
