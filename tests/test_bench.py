@@ -97,3 +97,5 @@ def test_baseline_tables_put_each_cell_in_its_place_with_the_papers_numbers_besi
     assert "| cgd-cpu | badnets | 200 (guide 100, split 50, unlearn 50) | – | 0.20 | – | 1,154 |" in t2
     assert "| sig | fp | 80.0 / 50.0 / 2.0 | 81.0 / 10.0 / 2.0 | clean-label: 92.4 / 58 → 93.2 / 57.2 |" in t3
     assert "| none |" not in t2 and "badnets | fp" not in t3
+    no_time = bench.baseline_tables([{"attack": "wanet", "defense": "ep", "ca": 0.8, "asr": 0.5}])
+    assert "| ep | wanet | – | – | – | – | 1,050 |" in no_time  # a cell without timings still prints

@@ -126,7 +126,7 @@ def test_mcr_needs_clean_data_validates_its_params_and_caps_the_clean_set(poison
         defenses.get("mcr", curve_lr=0.0)
     with pytest.raises(CGDError, match="augment"):
         defenses.get("mcr", augment="rotate")
-    with pytest.raises(CGDError, match="max_clean >= 2"):
+    with pytest.raises(CGDError, match="max_clean must be a whole number >= 2"):
         defenses.get("mcr", max_clean=1)
     assert defenses.get("mcr", max_clean=0).max_clean is None  # all the clean data, as --param can ask
     sizes = [len(yb) for _, yb in base.batches(torch.zeros(9, 4, 4, 3, dtype=torch.uint8), torch.zeros(9), 4, "none",

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from cgd import CGDError, attacks, defenses, models
 from cgd.defenses import mspc
 from cgd.pipeline import SPLIT_OUTPUTS, defend
-from cgd.split import detection_metrics
+from cgd.split import detection_metrics, flagged_split
 from cgd.tensors import accuracy, normalize
 from cgd.train import TrainConfig, train
 
@@ -57,7 +57,10 @@ def run_mspc(ps, victim, **params):
 
 @pytest.fixture(scope="module")
 def defended(sq_poisoned, sq_victim):
-    return run_mspc(sq_poisoned, sq_victim)
+    before = {k: v.clone() for k, v in sq_victim.model.state_dict().items()}
+    r = run_mspc(sq_poisoned, sq_victim)
+    r.info["victim_before"] = before  # (the test of the removal checks the victim was left as it was)
+    return r
 
 
 # ------------------------------------------------------------------------------------------------ arithmetic
@@ -111,7 +114,7 @@ def test_inner_step_is_the_references_weighted_loss_on_the_whole_batch(sq_poison
 
 def test_split_and_relearn_set():
     scores = np.array([1.0, -1.0, 0.2, -0.6, -1.0, 0.0, -1.0])
-    s = mspc.mspc_split(scores, np.flatnonzero(scores > 0))
+    s = flagged_split(-scores, np.flatnonzero(scores > 0), "mspc")
     assert s.poison.tolist() == [0, 2] and s.clean.tolist() == [1, 3, 4, 5, 6] and len(s.mixed) == 0
     assert np.array_equal(s.model_nll, -scores)  # low model score: poison-like, as the other splits
     got = mspc.relearn_set(scores, s.poison, 0.45, np.random.default_rng(0))  # int(7 · 0.45) = 3
@@ -161,7 +164,7 @@ def test_mspc_flags_the_poison_with_its_fitted_mask(sq_poisoned, sq_victim, defe
 
 def test_mspc_removal_lowers_the_asr(sq_poisoned, sq_victim, sq_test, defended):
     bd = sq_poisoned.triggered_test(sq_test)
-    before = {k: v.clone() for k, v in sq_victim.model.state_dict().items()}
+    before = defended.info["victim_before"]
     assert accuracy(defended.model, bd.images, bd.labels) < 0.1
     # the flagged clean target-class images are unlearned with the poison: that class goes (chance: 0.25)
     assert accuracy(defended.model, sq_test.images, sq_test.labels) > 0.6

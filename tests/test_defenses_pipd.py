@@ -1,9 +1,7 @@
-"""PIPD on tiny data: its exact two-class natural break, its channel statistics, and the whole defense on tiny
-victims — the isolation finds the poison and sharpens over the rounds, the channel selection is what it rests on
-(all channels or random ones find nothing), and the removal (ours) lowers the ASR; each signal goes away with its
-step patched out."""
-
-import itertools
+"""PIPD on tiny data: its channel statistics, and the whole defense on tiny victims — the isolation finds the poison
+and sharpens over the rounds, the channel selection is what it rests on (all channels or random ones find nothing),
+and the removal (ours) lowers the ASR; each signal goes away with its step patched out. (Its two-class natural
+break, `split.jenks_two_classes`, is tested in test_split.py.)"""
 
 import numpy as np
 import pytest
@@ -12,7 +10,7 @@ import torch
 from cgd import CGDError, attacks, defenses, models
 from cgd.defenses import pipd
 from cgd.pipeline import SPLIT_OUTPUTS, defend
-from cgd.split import detection_metrics, jenks_two_classes, within_class_ss
+from cgd.split import detection_metrics
 from cgd.tensors import accuracy
 from cgd.train import TrainConfig, TrainResult, train
 
@@ -55,27 +53,6 @@ def precision_recall(mask: np.ndarray, flagged: np.ndarray) -> tuple[float, floa
 
 
 # ------------------------------------------------------------------------------------------------ arrays
-
-def test_two_class_natural_break_is_exact_against_brute_force():
-    rng = np.random.default_rng(0)
-    for trial in range(60):
-        n = int(rng.integers(2, 10))
-        v = rng.integers(0, 6, n).astype(float) if trial % 2 else rng.normal(0, 1, n) ** 3  # ties / outliers
-        t = jenks_two_classes(v)
-        if np.ptp(v) == 0:
-            assert t == np.inf
-            continue
-        best = min(within_class_ss(v, np.array(bits, bool))
-                   for bits in itertools.product([0, 1], repeat=n) if 0 < sum(bits) < n)
-        upper = v > t
-        assert 0 < upper.sum() < n and t in v and v[~upper].max() == t  # the break is the lower class's largest
-        assert within_class_ss(v, upper) == pytest.approx(best, rel=1e-9, abs=1e-12)
-    assert jenks_two_classes(np.array([1.0, 2, 3, 10, 11, 12])) == 3.0
-    assert jenks_two_classes(np.array([0.0, 0, 0, 0, 0, 0, 0, 0, 9])) == 0.0  # one outlier: its own class
-    assert jenks_two_classes(np.full(5, 2.0)) == np.inf and jenks_two_classes(np.zeros(1)) == np.inf
-    with pytest.raises(CGDError, match="NaN"):
-        jenks_two_classes(np.array([1.0, np.nan, 2.0]))
-
 
 def test_channel_gap_picks_the_channels_the_poison_preset_drives():
     acts = np.array([[1.0, 8.0, 2.0, 0.0],  # 0, 1: poison preset

@@ -1,10 +1,12 @@
+import itertools
+
 import numpy as np
 import pytest
 
 from cgd import CGDError
 from cgd.split import (Split, auroc, detection_metrics, fill_clean_classes, history_window, nearest_neighbours,
                        SplitConfig, drop_slow, neighbour_poison_fraction, nll, oversample_clean, percentile_rank,
-                       purify, recheck, split, split_by, window_shares)
+                       jenks_two_classes, purify, recheck, split, split_by, window_shares)
 
 
 def test_percentile_rank_orders_and_averages_ties():
@@ -305,3 +307,31 @@ def test_drop_slow_moves_only_the_guide_only_slow_members_of_dp_to_mixed():
     assert set(guide_slow) <= set(off.poison) and set(guide_slow) <= set(on.mixed)
     with pytest.raises(CGDError, match="dp_drop_slow"):
         SplitConfig(dp_drop_slow=1.5)
+
+
+def within_class_ss(values: np.ndarray, upper: np.ndarray) -> float:
+    """Σ over the two classes (`upper` True / False) of the squared deviations from the class mean — what a Jenks
+    natural break minimises (the "sum of squared deviations from class means")."""
+    v = np.asarray(values, dtype=np.float64)
+    return float(sum(((v[m] - v[m].mean()) ** 2).sum() for m in (upper, ~upper) if m.any()))
+
+
+def test_two_class_natural_break_is_exact_against_brute_force():
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        n = int(rng.integers(2, 10))
+        v = rng.integers(0, 6, n).astype(float) if trial % 2 else rng.normal(0, 1, n) ** 3  # ties / outliers
+        t = jenks_two_classes(v)
+        if np.ptp(v) == 0:
+            assert t == np.inf
+            continue
+        best = min(within_class_ss(v, np.array(bits, bool))
+                   for bits in itertools.product([0, 1], repeat=n) if 0 < sum(bits) < n)
+        upper = v > t
+        assert 0 < upper.sum() < n and t in v and v[~upper].max() == t  # the break is the lower class's largest
+        assert within_class_ss(v, upper) == pytest.approx(best, rel=1e-9, abs=1e-12)
+    assert jenks_two_classes(np.array([1.0, 2, 3, 10, 11, 12])) == 3.0
+    assert jenks_two_classes(np.array([0.0, 0, 0, 0, 0, 0, 0, 0, 9])) == 0.0  # one outlier: its own class
+    assert jenks_two_classes(np.full(5, 2.0)) == np.inf and jenks_two_classes(np.zeros(1)) == np.inf
+    with pytest.raises(CGDError, match="NaN"):
+        jenks_two_classes(np.array([1.0, np.nan, 2.0]))

@@ -237,6 +237,18 @@ PAPER_TABLE1 = {
     "flip": {"none": (89.9, 99.2), "abl": (84.8, 99.6), "dbd": (92.3, 1.6), "asd": (86.9, 62.2),
              "d-br": (83.9, 22.1), "ep": (89.9, 98.5), "reback": (90.0, 39.7), "pipd": (91.4, 66.9),
              "mspc": (91.6, 17.2), "cgd-cpu": (92.5, 0.5)},
+    "bpp": {"none": (91.4, 99.2), "abl": (89.1, 99.8), "dbd": (92.4, 99.9), "asd": (92.5, 99.4), "d-br": (88.5, 85.5),
+            "ep": (89.8, 4.6), "reback": (90.1, 1.8), "pipd": (93.1, 0.9), "mspc": (90.5, 2.8), "cgd-cpu": (94, 0.3)},
+    "iab": {"none": (89.7, 94.9), "abl": (89.3, 83), "dbd": (91.3, 0), "asd": (92.3, 19.8), "d-br": (85.3, 84.8),
+            "ep": (90.7, 1.6), "reback": (87.9, 1.7), "pipd": (92, 4), "mspc": (92.5, 5.3), "cgd-cpu": (93.3, 0.7)},
+    "ssba": {"none": (93, 97.3), "abl": (88.6, 3.9), "dbd": (92.5, 2.4), "asd": (93.3, 7.1), "d-br": (83.1, 3),
+             "ep": (92, 10.5), "reback": (85.1, 6.6), "pipd": (90.6, 17.2), "mspc": (90.9, 21.5),
+             "cgd-cpu": (92.9, 0)},
+    "lc": {"none": (93.4, 98.4), "abl": (82.1, 5.2), "dbd": (92.3, 98.3), "asd": (91.2, 9.8), "d-br": (91.3, 1.7),
+           "ep": (92.5, 0.6), "reback": (91.4, 1), "pipd": (90.8, 3.7), "mspc": (90.8, 89.4), "cgd-cpu": (93.2, 0)},
+    "gcb": {"none": (88.6, 100), "abl": (85.5, 100), "dbd": (91.2, 6.9), "asd": (90.9, 100), "d-br": (84.2, 100),
+            "ep": (88.3, 99.9), "reback": (88.7, 71.6), "pipd": (92.5, 87.7), "mspc": (91.5, 23.9),
+            "cgd-cpu": (92.3, 0)},
 }
 # Table 2: total seconds (victim training included where the method starts from the victim)
 PAPER_ALIAS = {"asd-sc": "asd"}  # the paper's ASD seeds with ten truly clean images per class; ours with CGD's D_c
@@ -321,7 +333,7 @@ def baseline_tables(cells: list[dict]) -> str:
             cgd = defense_seconds(by[(a, "cgd-cpu")]) if (a, "cgd-cpu") in by else None
             stages = ", ".join(f"{k.removesuffix('_s')} {v:.0f}" for k, v in t.items()
                                if k.endswith("_s") and k != "victim_train_s" and v >= 0.5)
-            cols = [f"{s:.0f}" + (f" ({stages})" if stages else ""),
+            cols = [("–" if s is None else f"{s:.0f}") + (f" ({stages})" if stages else ""),
                     f"{c['cpu_s']:.0f}" if c.get("cpu_s") is not None else "–",
                     f"{s / victim_s:.2f}" if victim_s and s else "–",
                     f"{cgd / s:.2f}" if cgd and s and d != "cgd-cpu" else "–",

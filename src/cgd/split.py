@@ -354,6 +354,17 @@ def recheck(s: Split, shift: np.ndarray, threshold: float, labels: np.ndarray | 
     return replace(into_poison(s, flagged), info=info), flagged
 
 
+def flagged_split(model_score: np.ndarray, poison: np.ndarray, what: str) -> Split:
+    """The split of a defense that flags samples without a guide (ABL, ASD, DBD, MSPC): D_p = `poison`, D_c = the
+    rest, no mixed part. The guide columns are 0; the model columns are `model_score` (low: poison-like, as CGD's
+    model NLL) and its rank; `what` names the score in `info`."""
+    n = len(model_score)
+    poison = np.sort(np.asarray(poison, dtype=np.int64))
+    zeros, score = np.zeros(n), np.asarray(model_score, dtype=np.float64)
+    return Split(np.setdiff1d(np.arange(n), poison), poison, np.zeros(0, np.int64), zeros, score, zeros,
+                 percentile_rank(score), info={"model_score": what})
+
+
 def drop_slow(s: Split, labels: np.ndarray, above: float, sigma2: float) -> Split:
     """The split with the guide's likely false alarms taken out of D_p into mixed: members of D_p that the model
     score did not flag (model rank ≥ `sigma2`: only the guide put them there) and that the model learned slowly for
@@ -481,13 +492,6 @@ def per_class_rank(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
         idx = np.flatnonzero(labels == c)
         out[idx] = percentile_rank(scores[idx])
     return out
-
-
-def within_class_ss(values: np.ndarray, upper: np.ndarray) -> float:
-    """Σ over the two classes (`upper` True / False) of the squared deviations from the class mean — what a Jenks
-    natural break minimises (the "sum of squared deviations from class means")."""
-    v = np.asarray(values, dtype=np.float64)
-    return float(sum(((v[m] - v[m].mean()) ** 2).sum() for m in (upper, ~upper) if m.any()))
 
 
 def jenks_two_classes(values: np.ndarray) -> float:

@@ -3,6 +3,8 @@ batches (`to_input`), with a cheap flip/shift augmentation, batched inference an
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -65,3 +67,17 @@ def accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray, batch_siz
     if len(labels) == 0:
         return float("nan")
     return float((predict_logits(model, images, batch_size).argmax(1) == np.asarray(labels)).mean())
+
+
+@contextmanager
+def one_view(model: nn.Module):
+    """fastnet's flip test-time augmentation off for the block: one forward per image, as the network trained
+    (defenses that read per-sample losses or activations must see what training saw)."""
+    tta = getattr(model, "flip_tta", None)
+    if tta is not None:
+        model.flip_tta = False
+    try:
+        yield model
+    finally:
+        if tta is not None:
+            model.flip_tta = tta

@@ -24,7 +24,7 @@ from torch import nn
 from . import CGDError
 from .progress import progress
 from .split import Split, oversample_clean
-from .tensors import MEAN, STD, accuracy, augment, to_input
+from .tensors import MEAN, STD, accuracy, augment, one_view, to_input
 from .train import make_optimizer
 
 
@@ -52,8 +52,8 @@ class UnlearnConfig:
     prior: str = "labels"  # D_c is oversampled to the class shares of "labels" (all training labels, the paper) or
     # "guide" (the guide's mean predicted probabilities: poisoned labels do not inflate the target class)
     amplify_eps: float = 0.0  # > 0: each D_p batch is unlearned beside a copy pushed, within an L∞ ball of this
-    # radius (pixels in [0, 1]), toward its given label under the model being unlearned (`amplify`; 0: off; under
-    # study, issue 13)
+    # radius (pixels in [0, 1]), toward its given label under the model being unlearned (`amplify`), the copies'
+    # L_un added at full weight (the history's loss_un is then the sum); 0: off; under study, issue 13
     amplify_steps: int = 3  # sign-gradient steps of that push
     holdout: float = 0.05  # share of D_c held out to watch clean accuracy
     tau: float = 0.02  # stop when held-out accuracy falls more than this (plus its noise, `allowed_drop`) below
@@ -105,15 +105,15 @@ def unlearning_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str, eps: 
 
 def amplify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int) -> torch.Tensor:
     """`x` (model inputs) moved by sign-gradient steps, within an L∞ ball of `eps` in [0, 1] pixel units and the
-    valid pixel range, toward a higher probability of the labels `y` under `model` (batch-norm in eval mode; the
-    model's weights get no gradient). On a suspected-poison batch this strengthens whatever the model links to the
+    valid pixel range, toward a higher probability of the labels `y` under `model` (eval mode, one view per image
+    as training sees it; the model's weights get no gradient). On a suspected-poison batch this strengthens whatever the model links to the
     given label: a trigger planted weaker than it is used at test time (Ada-SIG) is then unlearned at a strength
     closer to the attack's."""
     modes = {m: m.training for m in model.modules()}  # restored as they were (frozen batch-norm stays frozen)
     model.eval()
     r, lo, hi = eps / STD, (0 - MEAN) / STD, (1 - MEAN) / STD
     delta = torch.zeros_like(x, requires_grad=True)
-    with torch.enable_grad():
+    with torch.enable_grad(), one_view(model):
         for _ in range(steps):
             logp = F.log_softmax(model(x + delta), 1).gather(1, y[:, None]).sum()
             (g,) = torch.autograd.grad(logp, delta)
@@ -226,13 +226,14 @@ def unlearn(model: nn.Module, images: np.ndarray, labels: np.ndarray, s: Split, 
                 j = (b * pb) % len(p_order)
                 ip = torch.from_numpy(np.take(p_order, np.arange(j, j + pb), mode="wrap"))
                 xp = augment(to_input(x_all[ip]), config.augment, gen)
-                if config.amplify_eps:  # each image beside its amplified copy, each at the full weight (an
-                    # amplified confident sample alone gives log-p's push less to act on)
+                if config.amplify_eps:  # each image beside its amplified copy (an amplified confident sample
+                    # alone gives log-p's push less to act on)
                     xp = torch.cat([xp, amplify(model, xp, y_all[ip], config.amplify_eps, config.amplify_steps)])
-                    ip = torch.cat([ip, ip])
                 logits = model(torch.cat([x, xp]))
-                lc, lp = logits[:len(ic)], logits[len(ic):]
-                l_un = unlearning_loss(lp, y_all[ip], config.unlearn_loss, config.eps) * (2 if config.amplify_eps else 1)
+                lc, lp, la = logits[:len(ic)], logits[len(ic):len(ic) + len(ip)], logits[len(ic) + len(ip):]
+                l_un = unlearning_loss(lp, y_all[ip], config.unlearn_loss, config.eps)
+                if len(la):  # the copies' term at the full weight, beside the originals'
+                    l_un = l_un + unlearning_loss(la, y_all[ip], config.unlearn_loss, config.eps)
                 l_di = distill_loss(lp, g_all[ip], config.temperature)
             else:
                 lc = model(x)

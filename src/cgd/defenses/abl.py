@@ -15,11 +15,11 @@ from torch import nn
 
 from .. import CGDError, models
 from ..data import ImageSet
-from ..split import Split, percentile_rank
+from ..split import flagged_split
 from ..schema import check_types
-from ..tensors import AUGMENTS, augment, predict_logits, to_input
+from ..tensors import AUGMENTS, augment, one_view, predict_logits, to_input
 from ..train import TrainConfig, TrainResult, make_optimizer
-from .base import DEFENSES, Context, Defense, DefenseResult, one_view, timed
+from .base import DEFENSES, Context, Defense, DefenseResult, timed
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ASCENT_TYPES = ("flooding", "lga")
@@ -43,11 +43,11 @@ def warmup_loss(kind: str, gamma: float, flooding: float) -> LossFn:
     return lambda logits, y: lga_loss(logits, y, gamma)
 
 
-def fresh_model(victim: TrainResult, seed: int) -> nn.Module:
+def fresh_model(victim: TrainResult, seed: int, who: str = "abl") -> nn.Module:
     """A newly initialised network of the victim's architecture (its `cgd_spec`), seeded."""
     spec = getattr(victim.model, "cgd_spec", None)
     if spec is None:
-        raise CGDError("abl trains a model of its own from scratch and needs to know the victim's architecture: "
+        raise CGDError(f"{who} trains a model of its own from scratch and needs to know the victim's architecture: "
                        "give a model saved by cgd (a .safetensors with its .json sidecar)")
     torch.manual_seed(seed)
     model = models.get(spec["name"], **spec["params"])
@@ -100,17 +100,6 @@ def per_sample_loss(model: nn.Module, images: np.ndarray, labels: np.ndarray) ->
 def isolate(losses: np.ndarray, ratio: float) -> np.ndarray:
     """Indices of the int(ratio · N) samples of lowest loss (ABL's isolated poison), lowest first."""
     return np.argsort(losses, kind="stable")[:int(len(losses) * ratio)]
-
-
-def isolation_split(losses: np.ndarray, isolated: np.ndarray) -> Split:
-    """The split ABL makes: D_p = the isolated samples, D_c = the rest, no mixed part. ABL has no guide: the guide
-    columns are 0 (constant), the model columns are the isolation loss and its rank."""
-    n = len(losses)
-    poison = np.sort(np.asarray(isolated, dtype=np.int64))
-    clean = np.setdiff1d(np.arange(n), poison)
-    zeros = np.zeros(n)
-    return Split(clean, poison, np.zeros(0, np.int64), zeros, losses.astype(np.float64), zeros,
-                 percentile_rank(losses), info={"model_score": "abl isolation loss"})
 
 
 @DEFENSES.register("abl")
@@ -225,4 +214,4 @@ class ABL(Defense):
                                                ascent=True)
         stage_done("unlearning")
         info["isolated"] = int(len(isolated))
-        return DefenseResult(model.eval(), isolation_split(losses, isolated), timings, info)
+        return DefenseResult(model.eval(), flagged_split(losses, isolated, "abl isolation loss"), timings, info)

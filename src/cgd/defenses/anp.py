@@ -25,9 +25,9 @@ from torch import nn
 from .. import CGDError
 from ..data import ImageSet
 from ..schema import check_types
-from ..tensors import AUGMENTS, accuracy, augment, to_input
+from ..tensors import AUGMENTS, accuracy, augment, one_view, to_input
 from ..train import TrainResult
-from .base import DEFENSES, CleanDataDefense, Context, DefenseResult, one_view, timed
+from .base import DEFENSES, CleanDataDefense, Context, DefenseResult, timed
 from .guided import SplitClean
 
 BN_STATS = ("batch", "running")  # what the wrapped BN layers normalise with while the masks are optimised

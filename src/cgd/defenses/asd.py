@@ -220,7 +220,7 @@ class ASD(Defense):
         n, labels = len(train), np.asarray(train.labels)
         if int(n * self.epsilon) < 1 or int(n * self.epsilon) >= n:
             raise CGDError(f"asd: epsilon {self.epsilon} of {n} samples leaves the labeled or unlabeled pool empty")
-        model = fresh_model(victim, context.seed)
+        model = fresh_model(victim, context.seed, self.name)
         data = (torch.from_numpy(np.array(train.images)), torch.from_numpy(np.array(labels, dtype=np.int64)))
         gen = torch.Generator().manual_seed(context.seed)
         info: dict = {**self.settings(), "epochs_run": [], "eval": {}}

@@ -77,7 +77,7 @@ class CleanDataDefense(Defense):
 
     clean_source = "given"
     min_clean = 1  # fewer trusted samples than this is an error
-    max_clean: int | None = None  # use at most this many of the trusted samples (None: all); the "-sc" budgets
+    max_clean: int | None = None  # use at most this many of the trusted samples (None: all; `set_max_clean`)
 
     def clean_data(self, train: ImageSet, victim: TrainResult, context: Context, timings: dict):
         """(trusted clean indices, the split that made them or None), from `trusted_clean` and checked: distinct
@@ -92,6 +92,14 @@ class CleanDataDefense(Defense):
             raise CGDError(f"{self.name}: {len(clean)} trusted clean samples ({self.clean_source}), fewer than the "
                            f"{self.min_clean} it needs")
         return clean.astype(np.int64), split
+
+    def set_max_clean(self, value: int | None) -> None:
+        """Check and keep the cap on trusted samples: a whole number ≥ `min_clean`, or None or 0 (what a `--param`
+        can say) for all of them. The "-sc" variants cap CGD's D_c to fit the CPU budget."""
+        if value is not None and not (type(value) is int and (value == 0 or value >= self.min_clean)):
+            raise CGDError(f"{self.name}: max_clean must be a whole number >= {self.min_clean} (0: all); got "
+                           f"{value!r}")
+        self.max_clean = value or None
 
     def capped(self, clean: np.ndarray, seed: int) -> np.ndarray:
         """At most `max_clean` of the trusted `clean` indices, drawn with `seed` (sorted); all when uncapped."""
@@ -115,19 +123,6 @@ def timed(timings: dict[str, float], key: str):
     yield
     timings[key] = timings.get(key, 0.0) + time.perf_counter() - t
 
-
-@contextmanager
-def one_view(model: nn.Module):
-    """fastnet's flip test-time augmentation off for the block: one forward per image, as the network trained
-    (defenses that read per-sample losses or activations must see what training saw)."""
-    tta = getattr(model, "flip_tta", None)
-    if tta is not None:
-        model.flip_tta = False
-    try:
-        yield model
-    finally:
-        if tta is not None:
-            model.flip_tta = tta
 
 
 # ------------------------------------------------------------------------------------------------ training loops

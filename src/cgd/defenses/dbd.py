@@ -319,7 +319,7 @@ class DBD(Defense):
             if not hasattr(victim.model, part):
                 raise CGDError(f"dbd splits the victim's architecture into an encoder and a head and needs its "
                                f"`{part}`: give a model saved by cgd (a .safetensors with its .json sidecar)")
-        model = fresh_model(victim, context.seed)
+        model = fresh_model(victim, context.seed, self.name)
         data = (torch.from_numpy(np.array(train.images)), torch.from_numpy(np.array(labels, dtype=np.int64)))
         gen = torch.Generator().manual_seed(context.seed)
         info: dict = {**self.settings(), "loss": {}, "eval": {}}

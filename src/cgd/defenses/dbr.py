@@ -33,6 +33,12 @@ COSINE_T_MAX = 100  # BackdoorBench's CosineAnnealingLR(T_max=100), stepped once
 BR_LR_DIVISOR = 400  # br_lr = the victim recipe's lr / 400 by default (1e-3 for fastnet's 0.4; see `DBR`)
 
 
+def br_from_victim(cfg: dict) -> dict:
+    """The BR step's settings tied to the run's victim recipe: its lr / `BR_LR_DIVISOR` and its augmentation
+    (D-BR's and MSPC's removal; `defense.params` overrides them)."""
+    return {"br_lr": cfg["victim"]["lr"] / BR_LR_DIVISOR, "augment": cfg["victim"]["augment"]}
+
+
 # ------------------------------------------------------------------------------------------------ pure tensors
 
 def intra_loss(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -244,8 +250,7 @@ class DBR(Defense):
 
     @classmethod
     def from_config(cls, cfg: dict, **objects) -> "DBR":
-        return cls(**{"br_lr": cfg["victim"]["lr"] / BR_LR_DIVISOR, "augment": cfg["victim"]["augment"],
-                      **cfg["defense"]["params"]})
+        return cls(**{**br_from_victim(cfg), **cfg["defense"]["params"]})
 
     def settings(self) -> dict:
         return {"epochs": [self.sd_epochs, self.intra_epochs, self.br_epochs], "clean_ratio": self.clean_ratio,
@@ -257,7 +262,7 @@ class DBR(Defense):
         if getattr(victim.model, "cgd_spec", None) is None or not hasattr(victim.model, "features"):
             raise CGDError("d-br trains a network of its own and needs the victim's architecture, with a `features` "
                            "method: give a model saved by cgd (a .safetensors with its .json sidecar)")
-        net = fresh_model(victim, seed)
+        net = fresh_model(victim, seed, "d-br")
         everyone = np.arange(len(train))
         opt = make_optimizer(net, self.lr, self.momentum, self.weight_decay, nesterov=False)
         lrs = [self.lr * (1 + math.cos(math.pi * e / COSINE_T_MAX)) / 2

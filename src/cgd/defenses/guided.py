@@ -121,8 +121,11 @@ class SplitClean:
     as the samples flagged. Listed first among the bases: `class FPSC(SplitClean, FP)`."""
 
     clean_source = "split-clean"
+    sc_max_clean: int | None = None  # the variant's default cap on D_c (`max_clean`), set where the budget needs one
 
     def __init__(self, cgd: CGD | None = None, **params):
+        if self.sc_max_clean is not None:
+            params.setdefault("max_clean", self.sc_max_clean)
         super().__init__(**params)
         self.cgd = cgd
 

@@ -20,9 +20,9 @@ from torch import nn
 from .. import CGDError
 from ..data import ImageSet
 from ..schema import check_types
-from ..tensors import AUGMENTS, augment, to_input
+from ..tensors import AUGMENTS, augment, one_view, to_input
 from ..train import TrainResult
-from .base import DEFENSES, CleanDataDefense, Context, DefenseResult, one_view, timed
+from .base import DEFENSES, CleanDataDefense, Context, DefenseResult, timed
 from .guided import SplitClean
 
 Tensors = list[torch.Tensor]
@@ -160,14 +160,14 @@ class IBAU(CleanDataDefense):
             (n_rounds >= 0 and k >= 0, "n_rounds, k >= 0"),
             (min(lr, inner_step, perturbation_lr) > 0, "lr, inner_step, perturbation_lr > 0"),
             (reg >= 0, "reg >= 0"), (0 <= portion <= 1, "0 <= portion <= 1"),
-            (batch_size >= 1, "batch_size >= 1"), (max_clean is None or max_clean >= 0, "max_clean >= 0"),
+            (batch_size >= 1, "batch_size >= 1"),
             (augment in AUGMENTS, f"augment {'|'.join(AUGMENTS)}")] if not ok]
         if problems:
             raise CGDError(f"{self.name}: needs {'; '.join(problems)}")
         self.n_rounds, self.k, self.lr, self.batch_size = int(n_rounds), int(k), float(lr), int(batch_size)
         self.inner_step, self.perturbation_lr, self.reg = float(inner_step), float(perturbation_lr), float(reg)
         self.portion, self.augment = float(portion), augment
-        self.max_clean = max_clean or None  # 0 (what a --param can say) is all, as None
+        self.set_max_clean(max_clean)
 
     def run(self, train: ImageSet, victim: TrainResult, context: Context) -> DefenseResult:
         timings: dict[str, float] = {}
@@ -225,6 +225,4 @@ class IBAUSC(SplitClean, IBAU):
     """
 
     name = "i-bau-sc"
-
-    def __init__(self, cgd=None, max_clean: int | None = 10_000, **params):
-        super().__init__(cgd, max_clean=max_clean, **params)
+    sc_max_clean = 10_000

@@ -21,11 +21,11 @@ from torch import nn
 from .. import CGDError
 from ..data import ImageSet
 from ..schema import check_types
-from ..split import Split, percentile_rank
-from ..tensors import AUGMENTS, normalize, predict_logits
+from ..split import flagged_split
+from ..tensors import AUGMENTS, normalize, one_view, predict_logits
 from ..train import TrainConfig, TrainResult
-from .base import DEFENSES, Context, Defense, DefenseResult, one_view, timed
-from .dbr import BR_LR_DIVISOR, unlearn_relearn
+from .base import DEFENSES, Context, Defense, DefenseResult, timed
+from .dbr import BR_LR_DIVISOR, br_from_victim, unlearn_relearn
 
 SCALES = tuple(range(2, 13))  # bilevel_full.py's --scales 2,3,...,12
 
@@ -58,16 +58,6 @@ def kl_to_scaled(base_logp: torch.Tensor, scaled_logits: torch.Tensor) -> torch.
     s = len(scaled_logits) // len(base_logp)
     logq = F.log_softmax(scaled_logits.float(), dim=1).view(s, *base_logp.shape)
     return (base_logp.exp() * (base_logp - logq)).sum(-1)
-
-
-def mspc_split(scores: np.ndarray, flagged: np.ndarray) -> Split:
-    """D_p = the flagged samples, D_c = the rest, no mixed part. No guide: its columns are 0; the model columns
-    are −MSPC (low: poison-like, as the other splits' model scores) and its rank."""
-    n = len(scores)
-    poison = np.sort(np.asarray(flagged, dtype=np.int64))
-    zeros, score = np.zeros(n), -np.asarray(scores, dtype=np.float64)
-    return Split(np.setdiff1d(np.arange(n), poison), poison, np.zeros(0, np.int64), zeros, score, zeros,
-                 percentile_rank(score), info={"model_score": "mspc score, negated (low: poison-like)"})
 
 
 def relearn_set(scores: np.ndarray, flagged: np.ndarray, share: float, rng: np.random.Generator) -> np.ndarray:
@@ -260,7 +250,6 @@ class MSPC(Defense):
     """
 
     name = "mspc"
-    from_victim = ("augment",)
 
     def __init__(self, tau: float = 0.1, scale_min: int = 2, scale_max: int = 12, outer_epochs: int = 4,
                  inner_epochs: int = 5, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4,
@@ -297,8 +286,7 @@ class MSPC(Defense):
 
     @classmethod
     def from_config(cls, cfg: dict, **objects) -> "MSPC":
-        return cls(**{"br_lr": cfg["victim"]["lr"] / BR_LR_DIVISOR, "augment": cfg["victim"]["augment"],
-                      **cfg["defense"]["params"]})
+        return cls(**{**br_from_victim(cfg), **cfg["defense"]["params"]})
 
     def settings(self) -> dict:
         return {"tau": self.tau, "scales": [self.scales[0], self.scales[-1]],
@@ -334,7 +322,7 @@ class MSPC(Defense):
                     flagged=int(len(flagged)))  # mask_box: [row0, col0, row1, col1] of mask > 0.5, inclusive
         context.log(f"MSPC flagged {len(flagged)} of {n} samples (mask L1 {res.mask.sum():.2f}, "
                     f"{len(support)} pixels > 0.5)")
-        split = mspc_split(scores, flagged)
+        split = flagged_split(-scores, flagged, "mspc score, negated (low: poison-like)")
         if len(flagged) == 0:
             info["removal"] = "skipped: nothing flagged"
             return DefenseResult(victim.model, split, timings, info)

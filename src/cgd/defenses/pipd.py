@@ -23,10 +23,10 @@ from .. import CGDError
 from ..data import ImageSet
 from ..schema import check_types
 from ..split import Split, jenks_two_classes, percentile_rank
-from ..tensors import AUGMENTS, to_input
+from ..tensors import AUGMENTS, one_view, to_input
 from ..train import TrainConfig, TrainResult, make_optimizer
 from .abl import per_sample_loss, stage
-from .base import DEFENSES, Context, Defense, DefenseResult, one_view, timed
+from .base import DEFENSES, Context, Defense, DefenseResult, timed
 
 PRESET_MODELS = ("snapshot", "final")
 

@@ -21,9 +21,9 @@ from .. import CGDError
 from ..data import ImageSet
 from ..schema import check_types
 from ..split import Split, percentile_rank
-from ..tensors import AUGMENTS, augment, normalize, predict_logits, to_input
+from ..tensors import AUGMENTS, augment, normalize, one_view, predict_logits, to_input
 from ..train import TrainResult, make_optimizer
-from .base import DEFENSES, Context, Defense, DefenseResult, one_view, timed
+from .base import DEFENSES, Context, Defense, DefenseResult, timed
 
 
 # ------------------------------------------------------------------------------------------------ pure arrays

@@ -17,9 +17,9 @@ from torch import nn
 
 from .. import CGDError
 from ..schema import check_types
-from ..split import Split, percentile_rank
-from ..tensors import AUGMENTS, augment, predict_logits, to_input
-from .base import Context, one_view
+from ..split import Split, flagged_split
+from ..tensors import AUGMENTS, augment, one_view, predict_logits, to_input
+from .base import Context
 
 RCE_LOG_FLOOR = -math.log(1e-4)  # the references' RCE clamps the one-hot target to [1e-4, 1]: log 1e-4 off-label
 
@@ -159,15 +159,10 @@ def lowest(losses: np.ndarray, ratio: float) -> np.ndarray:
 
 def pool_split(scores: np.ndarray, labeled: np.ndarray, what: str) -> Split:
     """The split a semi-supervised defense ends with: D_c = its last labeled pool, D_p = everything else (the images
-    it used unlabeled), no mixed part. No guide: the guide columns are 0; the model columns are the per-sample
-    `scores` the pool was chosen by (`what`: low ones labeled), negated (low: poison-like, as the other splits'
-    model scores), and their rank."""
-    n = len(scores)
-    clean = np.sort(np.asarray(labeled, dtype=np.int64))
-    poison = np.setdiff1d(np.arange(n), clean)
-    zeros, score = np.zeros(n), -np.asarray(scores, dtype=np.float64)
-    return Split(clean, poison, np.zeros(0, np.int64), zeros, score, zeros, percentile_rank(score),
-                 info={"model_score": f"{what}, negated (low: poison-like)"})
+    it used unlabeled). The model columns are the per-sample `scores` the pool was chosen by (`what`: low ones
+    labeled), negated (low: poison-like, as the other splits' model scores)."""
+    return flagged_split(-np.asarray(scores, dtype=np.float64), np.setdiff1d(np.arange(len(scores)), labeled),
+                         f"{what}, negated (low: poison-like)")
 
 
 def eval_after(context: Context, model: nn.Module, info: dict, stage: str, who: str) -> None:
