@@ -1,7 +1,7 @@
 """One baseline cell of issue 14: `python benchmarks/baselines.py --attack badnets --defense ep` (resumable; see
 `cgd.bench.run_baseline`). Clean-data defenses: `--oracle 0.05` (5 % truly clean, chosen with the poison mask).
-`python benchmarks/baselines.py --tables 'benchmarks/results/2026-12-04-*.json'` prints issue 14's three tables
-from finished cells (`cgd.bench.baseline_tables`)."""
+`python benchmarks/baselines.py --tables 'benchmarks/results/2026-12-04-badnets-*.json' …` prints issue 14's three
+tables from finished cells (`cgd.bench.baseline_tables`)."""
 
 import argparse
 import glob
@@ -18,14 +18,15 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--attack")
     p.add_argument("--defense")
-    p.add_argument("--tables", metavar="GLOB", help="print the three tables of the cells matching GLOB, and stop")
+    p.add_argument("--tables", metavar="GLOB", nargs="+", help="print the three tables of the cells matching the "
+                   "GLOBs (one victim per attack; later files win), and stop")
     p.add_argument("--oracle", type=float, default=None, help="share of truly clean training data to pass")
     p.add_argument("--root", default="benchmarks")
     p.add_argument("--data", default="cifar10")
     p.add_argument("--set", action="append", default=[], help="config override KEY=VALUE (e.g. defense.params.u=3)")
     a = p.parse_args()
     if a.tables:
-        cells = [json.loads(Path(f).read_text()) for f in sorted(glob.glob(a.tables))]
+        cells = [json.loads(Path(f).read_text()) for g in a.tables for f in sorted(glob.glob(g))]
         print(baseline_tables([c for c in cells if "attack" in c and "defense" in c]))
         sys.exit(0)
     if not (a.attack and a.defense):
