@@ -106,9 +106,10 @@ def unlearning_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str, eps: 
 def amplify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int) -> torch.Tensor:
     """`x` (model inputs) moved by sign-gradient steps, within an L∞ ball of `eps` in [0, 1] pixel units and the
     valid pixel range, toward a higher probability of the labels `y` under `model` (eval mode, one view per image
-    as training sees it; the model's weights get no gradient). On a suspected-poison batch this strengthens whatever the model links to the
-    given label: a trigger planted weaker than it is used at test time (Ada-SIG) is then unlearned at a strength
-    closer to the attack's."""
+    as training sees it; the model's weights get no gradient). On a suspected-poison batch this strengthens
+    whatever the model links to the given label. On tiny data that is the trigger, and a trigger planted weaker
+    than it is used at test time is then unlearned at the attack's strength; on CIFAR-10's Ada-SIG it is the
+    object as much as the trigger, and the trigger stays (docs/benchmarks.md, 2026-12-04)."""
     modes = {m: m.training for m in model.modules()}  # restored as they were (frozen batch-norm stays frozen)
     model.eval()
     r, lo, hi = eps / STD, (0 - MEAN) / STD, (1 - MEAN) / STD

@@ -23,7 +23,7 @@ from ..train import TrainResult
 from .abl import fresh_model, per_sample_loss, run_epoch
 from .base import DEFENSES, Context, Defense, DefenseResult, timed
 from .guided import SplitClean
-from .semisup import MixMatch, eval_after, lowest, mixmatch_epoch, per_sample_sce, pool_split
+from .semisup import MixMatch, check_pool_share, eval_after, lowest, mixmatch_epoch, per_sample_sce, pool_split
 
 SEED_SOURCES = ("victim-loss", "given")  # asd-sc: "split-clean"
 # the parameters ASD's virtual model trains in the meta-split: the official code's ResNet-18 layer3, layer4 and
@@ -218,8 +218,7 @@ class ASD(Defense):
     def run(self, train: ImageSet, victim: TrainResult, context: Context) -> DefenseResult:
         timings: dict[str, float] = {}
         n, labels = len(train), np.asarray(train.labels)
-        if int(n * self.epsilon) < 1 or int(n * self.epsilon) >= n:
-            raise CGDError(f"asd: epsilon {self.epsilon} of {n} samples leaves the labeled or unlabeled pool empty")
+        check_pool_share(self.name, self.epsilon, n)
         model = fresh_model(victim, context.seed, self.name)
         data = (torch.from_numpy(np.array(train.images)), torch.from_numpy(np.array(labels, dtype=np.int64)))
         gen = torch.Generator().manual_seed(context.seed)

@@ -23,7 +23,8 @@ from ..tensors import AUGMENTS, augment, normalize, to_input
 from ..train import TrainResult
 from .abl import fresh_model
 from .base import DEFENSES, Context, Defense, DefenseResult, timed
-from .semisup import MixMatch, eval_after, lowest, mixmatch_epoch, per_sample_sce, pool_split, sce_loss
+from .semisup import (MixMatch, check_pool_share, eval_after, lowest, mixmatch_epoch, per_sample_sce,
+                      pool_split, sce_loss)
 
 # BackdoorBench's λ_u ramp: its epoch counter runs from 10 (after the 10 warm-up epochs) to 110 over the 100
 # MixMatch epochs, against a ramp-up length of 190 — λ_u climbs from 10/190 to 110/190 of 15; kept as fractions
@@ -313,8 +314,7 @@ class DBD(Defense):
     def run(self, train: ImageSet, victim: TrainResult, context: Context) -> DefenseResult:
         timings: dict[str, float] = {}
         n, labels = len(train), np.asarray(train.labels)
-        if int(n * self.epsilon) < 1 or int(n * self.epsilon) >= n:
-            raise CGDError(f"dbd: epsilon {self.epsilon} of {n} samples leaves the labeled or unlabeled pool empty")
+        check_pool_share(self.name, self.epsilon, n)
         for part in ("features", "head"):
             if not hasattr(victim.model, part):
                 raise CGDError(f"dbd splits the victim's architecture into an encoder and a head and needs its "

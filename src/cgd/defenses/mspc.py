@@ -246,7 +246,7 @@ class MSPC(Defense):
     - `info["rounds"]` counts the flagged samples among the fit samples (round 0: under the mask of ones);
       `info["flagged"]`, `info["mask"]` (rounded to 4 decimals), `info["mask_l1"]` are the final ones.
     - Test-set evaluations: none (`Context.extra_eval`, when given, is called once on the
-      defended model and only logged).
+      defended model and only logged; not when nothing is flagged and the victim is returned as it is).
     """
 
     name = "mspc"

@@ -152,6 +152,12 @@ def per_sample_sce(model: nn.Module, images: np.ndarray, labels: np.ndarray, alp
     return sce_loss(logits, y, alpha, beta, reduction="none").double().numpy()
 
 
+def check_pool_share(who: str, epsilon: float, n: int) -> None:
+    """One clear error when the labeled share `epsilon` (in (0, 1)) of `n` samples labels none of them."""
+    if int(n * epsilon) < 1:
+        raise CGDError(f"{who}: epsilon {epsilon} of {n} samples leaves the labeled pool empty")
+
+
 def lowest(losses: np.ndarray, ratio: float) -> np.ndarray:
     """Indices of the int(ratio · N) samples of lowest loss, sorted (both references' `ratio` split)."""
     return np.sort(np.argsort(losses, kind="stable")[:int(len(losses) * ratio)])
