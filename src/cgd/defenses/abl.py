@@ -19,7 +19,7 @@ from ..split import flagged_split
 from ..schema import check_types
 from ..tensors import AUGMENTS, augment, one_view, predict_logits, to_input
 from ..train import TrainConfig, TrainResult, make_optimizer
-from .base import DEFENSES, Context, Defense, DefenseResult, timed
+from .base import DEFENSES, Context, Defense, DefenseResult, eval_after, timed
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ASCENT_TYPES = ("flooding", "lga")
@@ -182,18 +182,13 @@ class ABL(Defense):
         everyone = np.arange(len(train))
         info: dict = {**self.settings(), "loss": {}, "eval": {}}
 
-        def stage_done(name: str) -> None:
-            if context.extra_eval is not None:
-                info["eval"][name] = context.extra_eval(model)
-                context.log(f"ABL after {name}: {info['eval'][name]}")
-
         with timed(timings, "tuning_s"):
             opt = make_optimizer(model, self.lr, self.momentum, self.weight_decay)
             floor = warmup_loss(self.ascent, self.gamma, self.flooding)
             info["loss"]["tuning"] = stage(model, opt, data, everyone, [self.lr] * self.tuning_epochs, floor,
                                            self.batch_size, "none", gen, f"tuning ({self.ascent} loss)",
                                            context.log)
-        stage_done("tuning")
+        eval_after(context, model, info, "tuning", "ABL")
         with timed(timings, "isolation_s"):
             losses = per_sample_loss(model, train.images, train.labels)
             isolated = isolate(losses, self.isolation_ratio)
@@ -205,13 +200,13 @@ class ABL(Defense):
             lrs = [self.lr if e < decay_at else self.lr / 10 for e in range(self.finetuning_epochs)]
             info["loss"]["finetuning"] = stage(model, opt, data, others, lrs, F.cross_entropy, self.batch_size,
                                                self.augment, gen, "fine-tuning (CE)", context.log)
-        stage_done("finetuning")
+        eval_after(context, model, info, "finetuning", "ABL")
         with timed(timings, "unlearning_s"):  # the fine-tuning's optimizer (and momentum) carries on
             info["loss"]["unlearning"] = stage(model, opt, data, isolated,
                                                [self.unlearning_lr] * self.unlearning_epochs, F.cross_entropy,
                                                self.batch_size, self.augment, gen,
                                                "unlearning (CE on the isolated set, ascended)", context.log,
                                                ascent=True)
-        stage_done("unlearning")
+        eval_after(context, model, info, "unlearning", "ABL")
         info["isolated"] = int(len(isolated))
         return DefenseResult(model.eval(), flagged_split(losses, isolated, "abl isolation loss"), timings, info)

@@ -21,9 +21,9 @@ from ..schema import check_types
 from ..tensors import AUGMENTS
 from ..train import TrainResult
 from .abl import fresh_model, per_sample_loss, run_epoch
-from .base import DEFENSES, Context, Defense, DefenseResult, timed
+from .base import DEFENSES, Context, Defense, DefenseResult, eval_after, timed
 from .guided import SplitClean
-from .semisup import MixMatch, check_pool_share, eval_after, lowest, mixmatch_epoch, per_sample_sce, pool_split
+from .semisup import MixMatch, check_pool_share, lowest, mixmatch_epoch, per_sample_sce, pool_split
 
 SEED_SOURCES = ("victim-loss", "given")  # asd-sc: "split-clean"
 # the parameters ASD's virtual model trains in the meta-split: the official code's ResNet-18 layer3, layer4 and

@@ -124,6 +124,12 @@ def timed(timings: dict[str, float], key: str):
     timings[key] = timings.get(key, 0.0) + time.perf_counter() - t
 
 
+def eval_after(context: Context, model: nn.Module, info: dict, stage: str, who: str) -> None:
+    """`Context.extra_eval` of `model` after `stage`, kept in `info["eval"]` and logged; it never steers."""
+    if context.extra_eval is not None:
+        info["eval"][stage] = context.extra_eval(model)
+        context.log(f"{who} after {stage}: {info['eval'][stage]}")
+
 
 # ------------------------------------------------------------------------------------------------ training loops
 

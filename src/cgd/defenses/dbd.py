@@ -22,9 +22,8 @@ from ..schema import check_types
 from ..tensors import AUGMENTS, augment, normalize, to_input
 from ..train import TrainResult
 from .abl import fresh_model
-from .base import DEFENSES, Context, Defense, DefenseResult, timed
-from .semisup import (MixMatch, check_pool_share, eval_after, lowest, mixmatch_epoch, per_sample_sce,
-                      pool_split, sce_loss)
+from .base import DEFENSES, Context, Defense, DefenseResult, eval_after, timed
+from .semisup import MixMatch, check_pool_share, lowest, mixmatch_epoch, per_sample_sce, pool_split, sce_loss
 
 # BackdoorBench's λ_u ramp: its epoch counter runs from 10 (after the 10 warm-up epochs) to 110 over the 100
 # MixMatch epochs, against a ramp-up length of 190 — λ_u climbs from 10/190 to 110/190 of 15; kept as fractions

@@ -19,7 +19,7 @@ from .. import CGDError
 from ..schema import check_types
 from ..split import Split, flagged_split
 from ..tensors import AUGMENTS, augment, one_view, predict_logits, to_input
-from .base import Context
+from .abl import isolate
 
 RCE_LOG_FLOOR = -math.log(1e-4)  # the references' RCE clamps the one-hot target to [1e-4, 1]: log 1e-4 off-label
 
@@ -159,8 +159,9 @@ def check_pool_share(who: str, epsilon: float, n: int) -> None:
 
 
 def lowest(losses: np.ndarray, ratio: float) -> np.ndarray:
-    """Indices of the int(ratio · N) samples of lowest loss, sorted (both references' `ratio` split)."""
-    return np.sort(np.argsort(losses, kind="stable")[:int(len(losses) * ratio)])
+    """Indices of the int(ratio · N) samples of lowest loss, sorted (both references' `ratio` split): ABL's
+    `isolate`, in index order."""
+    return np.sort(isolate(losses, ratio))
 
 
 def pool_split(scores: np.ndarray, labeled: np.ndarray, what: str) -> Split:
@@ -169,10 +170,3 @@ def pool_split(scores: np.ndarray, labeled: np.ndarray, what: str) -> Split:
     labeled), negated (low: poison-like, as the other splits' model scores)."""
     return flagged_split(-np.asarray(scores, dtype=np.float64), np.setdiff1d(np.arange(len(scores)), labeled),
                          f"{what}, negated (low: poison-like)")
-
-
-def eval_after(context: Context, model: nn.Module, info: dict, stage: str, who: str) -> None:
-    """`Context.extra_eval` of `model` after `stage`, kept in `info["eval"]` and logged; it never steers."""
-    if context.extra_eval is not None:
-        info["eval"][stage] = context.extra_eval(model)
-        context.log(f"{who} after {stage}: {info['eval'][stage]}")
