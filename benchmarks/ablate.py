@@ -38,7 +38,7 @@ from cgd.pipeline import train_victim
 from cgd.tensors import predict_logits
 from cgd.split import (WINDOW_RULES, Split, SplitConfig, auroc, bimodality, detection_metrics, history_window,
                        into_poison, nll, per_class_rank, spectral_scores, split_by, window_shares)
-from cgd.unlearn import recipe, unlearn
+from cgd.unlearn import recipe, unlearn, unlearn_checked
 
 ROOT = Path(__file__).resolve().parent
 SCORES = ["snapshot", "final", "history:1-1", "history:1-2", "history:1-3", "history:2-3", "history:2-4",
@@ -181,12 +181,12 @@ def unlearn_variant(attack: str, base: str, overrides: dict, model_score: str, n
     s = with_oracle(s, ps.poison_mask, oracle)
     det = detection_metrics(ps.poison_mask, s)
     print("model score", how, {k: round(v, 4) if isinstance(v, float) else v for k, v in det.items()}, flush=True)
-    res = unlearn(victim.model, ps.train.images, ps.train.labels, s, g, recipe(base, **overrides),
-                  ps.train.num_classes, extra_eval=train_asr_probe(ps))
+    res = unlearn_checked(victim.model, ps.train.images, ps.train.labels, s, g, recipe(base, **overrides),
+                          ps.train.num_classes, extra_eval=train_asr_probe(ps))
     outside = clean_outside_dc(ps, s)
     out = {"attack": attack, "recipe": base, "overrides": overrides, "model_score": model_score,
            "model_score_resolved": how, "split": scfg, "oracle": oracle,
-           "detection": det, "history": res.history,
+           "detection": det, "history": res.history, "trigger_check": res.checks,
            "stopped_early": res.stopped_early, "unlearn_s": res.seconds,
            "clean_outside_dc_before": outside(victim.model), "clean_outside_dc_after": outside(res.model),
            "test_before": ca_asr(victim.model, ps, ds.test), "test_after": ca_asr(res.model, ps, ds.test),

@@ -198,7 +198,7 @@ def test_defend_hands_the_groups_to_the_split_and_the_hold_out(tiny, monkeypatch
     from cgd.defenses import guided
 
     seen = {}
-    for name in ("split_by", "unlearn"):
+    for name in ("split_by", "unlearn_checked"):
         def spy(*args, _real=getattr(guided, name), _name=name, **kwargs):
             seen[_name] = kwargs.get("groups")
             return _real(*args, **kwargs)
@@ -207,7 +207,7 @@ def test_defend_hands_the_groups_to_the_split_and_the_hold_out(tiny, monkeypatch
     model, _ = users_loop(tiny.train.images, tiny.train.labels, 4, epochs=1)
     cgd.defend(model, tiny.train.images, tiny.train.labels, tiny.train.class_names, guide=LabelGuide(tiny.train.labels),
                preprocess=lambda x: (x - UsersNet.MEAN) / UsersNet.STD, unlearn=UnlearnConfig(epochs=1), groups=groups)
-    assert (seen["split_by"] == groups).all() and (seen["unlearn"] == groups).all()
+    assert (seen["split_by"] == groups).all() and (seen["unlearn_checked"] == groups).all()
 
 
 def test_every_defense_runs_from_the_registry_alike():

@@ -1,3 +1,4 @@
+import copy
 import json
 
 import numpy as np
@@ -39,6 +40,14 @@ def test_defend_writes_the_run_directory_and_resumes(tiny, poisoned, tmp_path):
     assert defend(poisoned.train, tiny_cfg(), run, guide=guide, log=lambda s: None) == json.loads(
         (run / "metrics.json").read_text())
     assert guide.calls == calls
+
+
+def test_the_trigger_check_is_in_the_metrics_and_the_report(tiny, poisoned, tmp_path):
+    m = defend(poisoned.train, tiny_cfg(**{"unlearn.overrides.escalate": 1}), tmp_path / "run",
+               guide=LabelGuide(tiny.train.labels), poison_mask=poisoned.poison_mask, log=lambda s: None)
+    checks = m["trigger_check"]
+    assert 1 <= len(checks) <= 2 and checks[0]["target"] == 0 and 0 <= checks[0]["response"] <= 1
+    assert "trigger check" in (tmp_path / "run" / "report.md").read_text()
 
 
 def test_empty_clean_class_leaves_no_outputs(tiny, tmp_path):
@@ -112,6 +121,14 @@ def test_explicit_config_changes_when_a_recipe_definition_does(monkeypatch):
     monkeypatch.setitem(RECIPES, "cpu", {**RECIPES["cpu"], "lambda_un": 0.5})
     assert dumps_toml(explicit(cfg)) != before  # same recipe name, new definition: not the same run
     assert cfg["unlearn"]["overrides"] == {}  # the input is not modified
+
+
+def test_an_unlearning_seed_of_its_own_is_another_run():
+    cfg = defaults()
+    seeded = copy.deepcopy(cfg)
+    seeded["unlearn"]["overrides"]["seed"] = 2  # another held-out slice and batch order, same victim
+    assert "seed" not in explicit(cfg)["unlearn"]["overrides"]  # the top-level seed speaks for it
+    assert explicit(seeded)["unlearn"]["overrides"]["seed"] == 2 and dumps_toml(explicit(seeded)) != dumps_toml(explicit(cfg))
 
 
 def test_an_explicit_config_loads_back_to_the_same_run(tmp_path):

@@ -6,7 +6,8 @@ from cgd import CGDError, attacks, models
 from cgd.split import Split, split
 from cgd.tensors import accuracy
 from cgd.train import TrainConfig, train
-from cgd.unlearn import UnlearnConfig, allowed_drop, recipe, step_lr, unlearn, unlearning_loss
+from cgd.unlearn import (UnlearnConfig, allowed_drop, estimate_trigger, recipe, step_lr, trigger_response, unlearn,
+                         unlearn_checked, unlearning_loss)
 
 
 def test_unlearning_losses_and_their_gradients():
@@ -188,11 +189,10 @@ def test_amplify_pushes_within_its_ball_toward_the_given_label_and_leaves_the_mo
     assert model.training and not bn.training
 
 
-def test_amplified_unlearning_removes_a_trigger_planted_weaker_than_it_is_used(tiny):
+@pytest.fixture(scope="module")
+def weak_blend(tiny):
     """An Ada-SIG-like case: the poisoned training images carry the Blend trigger at 30 % of its strength, the test
-    uses it whole. One short cpu pass on a perfect split unlearns the weak copies but leaves the full trigger; the
-    same pass with each D_p batch unlearned beside its amplified copy (16/255) takes it away — which twice the
-    unlearning weight, the amplified pass's weight on D_p, does not."""
+    uses it whole. (poisoned set, its training images, the victim, the triggered test set, a perfect split)."""
     ps = attacks.get("blend", target=0, rate=0.1, seed=0).poison(tiny.train)
     m = ps.poison_mask
     x = ps.train.images.copy()
@@ -202,14 +202,61 @@ def test_amplified_unlearning_removes_a_trigger_planted_weaker_than_it_is_used(t
                    TrainConfig(epochs=6, batch_size=64, lr=0.2, augment="none", snapshot_epoch=2)).model
     trig = ps.triggered_test(tiny.test)
     assert accuracy(victim, trig.images, trig.labels) > 0.9  # the weak copies planted the full trigger
-    s = _oracle_split(ps)
+    return ps, x, victim, trig, _oracle_split(ps)
+
+
+WEAK_PASS = dict(epochs=1, min_steps=60, batch_size=16, lr=0.02)  # one short cpu pass for 800 images
+
+
+def test_amplified_unlearning_removes_a_trigger_planted_weaker_than_it_is_used(tiny, weak_blend):
+    """One short cpu pass on a perfect split unlearns the weak copies but leaves the full trigger; the same pass
+    with each D_p batch unlearned beside its amplified copy (16/255) takes it away — which twice the unlearning
+    weight, the amplified pass's weight on D_p, does not."""
+    ps, x, victim, trig, s = weak_blend
     guide = np.eye(4, dtype=np.float32)[tiny.train.labels] * 3
     asr = {}
     for eps, lam in ((0.0, 0.05), (0.0, 0.1), (16 / 255, 0.05)):
-        res = unlearn(victim, x, ps.train.labels, s, guide, recipe("cpu", epochs=1, min_steps=60, batch_size=16,
-                                                                   lr=0.02, amplify_eps=eps, lambda_un=lam), 4)
+        res = unlearn(victim, x, ps.train.labels, s, guide, recipe("cpu", **WEAK_PASS, amplify_eps=eps,
+                                                                   lambda_un=lam), 4)
         asr[eps, lam] = accuracy(res.model, trig.images, trig.labels)
         assert accuracy(res.model, tiny.test.images, tiny.test.labels) > 0.95
     assert asr[0.0, 0.05] > 0.4 and asr[0.0, 0.1] > 0.25 and asr[16 / 255, 0.05] < 0.1, asr
     with pytest.raises(CGDError, match="amplify"):
         UnlearnConfig(amplify_eps=-0.1)
+
+
+def test_the_split_s_trigger_estimate_moves_the_victim_and_not_a_clean_model(tiny, weak_blend):
+    ps, x, victim, trig, s = weak_blend
+    guide = np.eye(4, dtype=np.float32)[tiny.train.labels] * 3  # the images' clean classes
+    est = estimate_trigger(x, ps.train.labels, s, guide, num_classes=4, n_probe=100)
+    assert est.target == 0 and len(est.probe) == 100
+    assert (ps.train.labels[est.probe] != 0).all() and np.isin(est.probe, s.clean).all()
+    torch.manual_seed(0)
+    clean = train(models.get("fastnet", num_classes=4, widths=(16, 32, 32), stem=16), tiny.train.images,
+                  tiny.train.labels, TrainConfig(epochs=6, batch_size=64, lr=0.2, augment="none")).model
+    # the victim answers the estimate as it does the trigger; a model never poisoned does not
+    assert trigger_response(victim, x, est, 4.0) > 0.9 and trigger_response(clean, x, est, 4.0) < 0.1
+    empty = Split(s.clean[ps.train.labels[s.clean] != 0], s.poison, s.mixed, s.guide_nll, s.model_nll,
+                  s.guide_rank, s.model_rank)
+    assert estimate_trigger(x, ps.train.labels, empty, guide, num_classes=4) is not None  # D_p's sources have D_c
+    assert estimate_trigger(x, ps.train.labels, empty, np.eye(4, dtype=np.float32)[np.zeros(800, int)],
+                            num_classes=4) is None  # the guide sees only the target class, and it has no D_c
+
+
+def test_the_trigger_check_doubles_the_unlearning_weight_until_the_estimate_stops_working(tiny, weak_blend):
+    ps, x, victim, trig, s = weak_blend
+    guide = np.eye(4, dtype=np.float32)[tiny.train.labels] * 3
+    once = unlearn(victim, x, ps.train.labels, s, guide, recipe("cpu", **WEAK_PASS), 4)
+    # the scale at which the estimate tracks this trigger on these images (the weak copies are 6 % blends)
+    res = unlearn_checked(victim, x, ps.train.labels, s, guide,
+                          recipe("cpu", **WEAK_PASS, escalate=3, escalate_scale=8.0), 4, log=lambda m: None)
+    lams = [c["lambda_un"] for c in res.checks]
+    assert lams[:2] == [0.05, 0.1] and res.checks[0]["response"] > 0.5  # the first pass left it: escalated
+    assert res.checks[-1]["response"] <= 0.5 and res.config["lambda_un"] == lams[-1]
+    assert accuracy(res.model, trig.images, trig.labels) < 0.75 * accuracy(once.model, trig.images, trig.labels)
+    assert accuracy(res.model, tiny.test.images, tiny.test.labels) > 0.95
+    off = unlearn_checked(victim, x, ps.train.labels, s, guide, recipe("cpu", **WEAK_PASS, escalate=0), 4)
+    assert off.checks == [] and all(torch.equal(a, b) for a, b in zip(off.model.state_dict().values(),
+                                                                       once.model.state_dict().values()))
+    with pytest.raises(CGDError, match="escalate"):
+        UnlearnConfig(escalate=1, escalate_at=1.5)

@@ -120,7 +120,7 @@ def run_benchmark(attack_names: list[str], cfg: dict, root: Path, data: str = "c
             cell = {**common, "defense": defense, **m["after"], "before": m["before"], "detection": m["detection"],
                     "timings": {**m["timings"], "victim_train_s": victim.seconds}, "sizes": m["sizes"],
                     "model_score": m["model_score"], "window_shares": m.get("window_shares"),
-                    "unlearn_history": m["unlearn_history"], "date": today}
+                    "unlearn_history": m["unlearn_history"], "trigger_check": m.get("trigger_check"), "date": today}
             written.append(write_json(_new_cell(results, name, defense), cell))
             log(f"{name} {defense}: CA {m['after']['ca']:.4f} ASR {m['after']['asr']:.4f}")
     return written

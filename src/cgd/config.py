@@ -168,7 +168,8 @@ def explicit(cfg: dict) -> dict:
     records (and the benchmark's config hash) changes when a recipe's definition changes, not only its name."""
     out = copy.deepcopy(cfg)
     resolved = asdict(unlearn_config(cfg))
-    del resolved["seed"]  # the top-level seed
+    if "seed" not in cfg["unlearn"]["overrides"]:
+        del resolved["seed"]  # the top-level seed, already in the config; an unlearning seed of its own stays
     out["unlearn"]["overrides"] = resolved
     return out
 

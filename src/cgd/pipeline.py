@@ -232,6 +232,12 @@ def run_report(name: str, cfg: dict, m: dict) -> str:
         last = m["unlearn_history"][-1]
         notes.append(f"unlearning recipe `{cfg['unlearn']['recipe']}`, {last['epoch']} epoch(s)"
                      + (" (stopped early: held-out clean accuracy fell)" if m.get("stopped_early") else ""))
+    if m.get("trigger_check"):
+        notes.append("trigger check (the split's trigger estimate on clean images; the share sent to class "
+                     f"{m['trigger_check'][0]['target']}): "
+                     + "; ".join(f"λ_un {c['lambda_un']:g} → " + ("stopped by the held-out slice, not taken"
+                                                                  if c.get("stopped_early") else f"{c['response']:.3f}")
+                                 for c in m["trigger_check"]))
     if "model_score" in m:
         notes.append(f"model score: `{cfg['split']['model_score']}` (`{m['model_score']}`), "
                      f"guide: `{cfg['guide']['name']}`")

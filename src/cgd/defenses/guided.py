@@ -21,7 +21,7 @@ from ..io import load_arrays, save_arrays
 from ..split import SplitConfig, nll, recheck, split_by
 from ..tensors import denormalize, predict_logits
 from ..train import TrainResult
-from ..unlearn import UnlearnConfig, recipe, unlearn
+from ..unlearn import UnlearnConfig, recipe, unlearn_checked
 from .base import DEFENSES, Context, Defense, DefenseResult, timed
 
 
@@ -61,12 +61,13 @@ class CGD(Defense):
                 s, res, info = self._recheck(train, victim, s, res, context)
         return DefenseResult(res.model, s, timings, {"model_score": how, "unlearn_history": res.history,
                                                      "stopped_early": res.stopped_early,
+                                                     "trigger_check": res.checks,
                                                      "skipped": s.info["skipped"],
                                                      "window_shares": s.info.get("window_shares"), **info})
 
     def _unlearn(self, train: ImageSet, victim: TrainResult, s, context: Context):
-        return unlearn(victim.model, train.images, train.labels, s, s.guide_logits, self.unlearn, train.num_classes,
-                       extra_eval=context.extra_eval, groups=train.groups)
+        return unlearn_checked(victim.model, train.images, train.labels, s, s.guide_logits, self.unlearn,
+                               train.num_classes, log=context.log, extra_eval=context.extra_eval, groups=train.groups)
 
     def _recheck(self, train: ImageSet, victim: TrainResult, s, first, context: Context):
         """`split.recheck`: the samples outside D_p whose given label the first pass unfitted join D_p
