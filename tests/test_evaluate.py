@@ -25,3 +25,12 @@ def test_clean_to_target_counts_untriggered_non_target_images_sent_to_the_target
     assert clean_to_target_rate(Predicts(), test, target=2) == 2 / 7  # the target's own image is not counted
     assert clean_to_target_rate(Predicts(), test, target=1) == 4 / 6
     assert clean_to_target_rate(Predicts(), test, target=3) == 0
+
+
+def test_target_recall_counts_the_target_class_images_kept():
+    from cgd.evaluate import target_recall
+
+    labels = np.array([2, 2, 2, 2, 0, 1])
+    predicted = np.array([2, 0, 2, 1, 2, 2])  # two of the four class-2 images kept; the others' votes do not count
+    assert target_recall(predicted, labels, 2) == 0.5 and target_recall(predicted, labels, 0) == 0
+    assert np.isnan(target_recall(predicted, labels, 3))

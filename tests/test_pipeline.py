@@ -30,7 +30,7 @@ def test_defend_writes_the_run_directory_and_resumes(tiny, poisoned, tmp_path):
     rows = (run / "scores.csv").read_text().splitlines()
     assert rows[0].startswith("index,label,guide_nll,model_nll") and len(rows) == len(tiny.train) + 1
     assert m["detection"]["tpr"] > 0.5  # the stand-in guide sees the relabelled images
-    assert set(m["before"]) == {"ca", "asr", "clean_to_target"} and m["timings"]["unlearn_s"] > 0
+    assert set(m["before"]) == {"ca", "asr", "clean_to_target", "target_recall"} and m["timings"]["unlearn_s"] > 0
     split = json.loads((run / "split.json").read_text())
     assert sum(split["sizes"].values()) == len(tiny.train)
     assert "CA after" in (run / "report.md").read_text()

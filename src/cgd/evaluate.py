@@ -33,8 +33,16 @@ def clean_to_target_rate(model: nn.Module, test: ImageSet, target: int) -> float
     return target_share(predict_logits(model, test.images).argmax(1), test.labels, target)
 
 
+def target_recall(predicted: np.ndarray, labels: np.ndarray, target: int) -> float:
+    """Share of the target-class samples (by `labels`) predicted as the target: what a defense that removes the
+    backdoor by turning the model against the target class loses."""
+    keep = np.asarray(labels) == target
+    return float((np.asarray(predicted)[keep] == target).mean()) if keep.any() else float("nan")
+
+
 def ca_asr(model: nn.Module, poisoned: PoisonedSet, test: ImageSet) -> dict[str, float]:
-    """CA, ASR and clean→target; one pass over the clean test images serves CA and clean→target."""
+    """CA, ASR, clean→target and the target class's recall; one pass over the clean test images serves all but ASR."""
     predicted = predict_logits(model, test.images).argmax(1)
     return {"ca": float((predicted == test.labels).mean()), "asr": attack_success_rate(model, poisoned, test),
-            "clean_to_target": target_share(predicted, test.labels, poisoned.target)}
+            "clean_to_target": target_share(predicted, test.labels, poisoned.target),
+            "target_recall": target_recall(predicted, test.labels, poisoned.target)}
