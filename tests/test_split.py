@@ -297,6 +297,9 @@ def test_drop_slow_moves_only_the_guide_only_slow_members_of_dp_to_mixed():
     assert set(fast + guide_fast) <= set(r.poison)
     assert set(r.clean) == set(s.clean) and len(r.clean) + len(r.poison) + len(r.mixed) == n
     assert r.info["dp_drop_slow"]["moved"] == len(set(s.poison) - set(r.poison)) >= 2
+    # sparing the suspected target: its slow guide-only member (4, label 0) stays, the other class's (5) moves
+    spared = drop_slow(s, labels, 0.7, 0.1, spare=0)
+    assert 4 in spared.poison and 5 in spared.mixed and spared.info["dp_drop_slow"]["spare"] == 0
     # through the config: off by default, on with split.dp_drop_slow
     g = np.stack([-guide_nll, np.zeros(n)], 1)
     g[labels == 1] = g[labels == 1][:, ::-1]  # the given label's logit is -guide_nll
@@ -305,6 +308,10 @@ def test_drop_slow_moves_only_the_guide_only_slow_members_of_dp_to_mixed():
                   model_nll)
     assert "dp_drop_slow" not in off.info and on.info["dp_drop_slow"]["moved"] >= 2
     assert set(guide_slow) <= set(off.poison) and set(guide_slow) <= set(on.mixed)
+    sparing = split_by(SplitConfig(refine_rounds=0, purify=0.0, min_clean_per_class=0, dp_drop_slow=0.7,
+                                   dp_spare_target=True), labels, g, model_nll)
+    target = sparing.info["dp_drop_slow"]["spare"]
+    assert target in (0, 1) and guide_slow[target] in sparing.poison and guide_slow[1 - target] in sparing.mixed
     with pytest.raises(CGDError, match="dp_drop_slow"):
         SplitConfig(dp_drop_slow=1.5)
 

@@ -51,6 +51,7 @@ class SplitConfig:
     # this move into D_p and unlearning starts again from the victim (`recheck`; 0: off; under study, issue 13)
     dp_drop_slow: float = 0.0  # D_p members only the guide put there and that the model learned slowly for their
     # class (per-class model rank > this) move to mixed (`drop_slow`; 0: off; under study, issue 13)
+    dp_spare_target: bool = False  # with dp_drop_slow: the suspected target's members stay in D_p (under study)
 
     RANGES = {"sigma1": Real(0, 0.5, closed=True), "sigma2": Real(0, 0.5, closed=True),
               "purify": Real(0, 1, closed=True), "neighbours": Int(1, 1000), "refine_rounds": Int(0, 10),
@@ -365,16 +366,29 @@ def flagged_split(model_score: np.ndarray, poison: np.ndarray, what: str) -> Spl
                  percentile_rank(score), info={"model_score": what})
 
 
-def drop_slow(s: Split, labels: np.ndarray, above: float, sigma2: float) -> Split:
+def suspected_target(labels: np.ndarray, poison: np.ndarray, num_classes: int) -> int:
+    """The class D_p (`poison`) is richest in: the largest share of its training samples in D_p. Every attack
+    here gives its poison the target's label, so this is the split's guess at the target."""
+    labels = np.asarray(labels)
+    count = np.bincount(labels, minlength=num_classes)
+    return int(np.argmax(np.bincount(labels[poison], minlength=num_classes) / np.maximum(count, 1)))
+
+
+def drop_slow(s: Split, labels: np.ndarray, above: float, sigma2: float, spare: int | None = None) -> Split:
     """The split with the guide's likely false alarms taken out of D_p into mixed: members of D_p that the model
     score did not flag (model rank ≥ `sigma2`: only the guide put them there) and that the model learned slowly for
     their class (per-class model rank > `above`). Those are clean images of a class the guide confuses with
-    another; unlearning would push them off their true labels. Poison the guide finds is learned fast, so it stays.
-    D_c is unchanged; `info` records how many moved."""
+    another; unlearning would push them off their true labels. Poison the guide finds is learned fast, so it stays —
+    except poison that fights its label (a relabelled image, a composite of two other classes), which is slow too:
+    members labelled `spare` (the suspected target, `suspected_target`) stay in D_p. D_c is unchanged; `info`
+    records how many moved."""
+    labels = np.asarray(labels)
     slow = per_class_rank(s.model_nll, labels) > above
+    if spare is not None:
+        slow &= labels != spare
     drop = np.intersect1d(s.poison, np.flatnonzero((s.model_rank >= sigma2) & slow))
     return replace(s, poison=np.setdiff1d(s.poison, drop), mixed=np.union1d(s.mixed, drop),
-                   info={**s.info, "dp_drop_slow": {"above": above, "moved": int(len(drop))}})
+                   info={**s.info, "dp_drop_slow": {"above": above, "spare": spare, "moved": int(len(drop))}})
 
 
 def into_poison(s: Split, indices: np.ndarray) -> Split:
@@ -656,4 +670,7 @@ def split_by(config: SplitConfig, labels, guide_logits, model_losses, *, guide_f
         s = one_split(g)
     info.update(refine_rounds=rounds, purify=keep)
     s = replace(s, guide_logits=g, info=info)
-    return drop_slow(s, labels, config.dp_drop_slow, config.sigma2) if config.dp_drop_slow else s
+    if not config.dp_drop_slow:
+        return s
+    spare = suspected_target(labels, s.poison, num_classes) if config.dp_spare_target else None
+    return drop_slow(s, labels, config.dp_drop_slow, config.sigma2, spare)

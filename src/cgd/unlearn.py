@@ -23,7 +23,7 @@ from torch import nn
 
 from . import CGDError
 from .progress import progress
-from .split import Split, oversample_clean
+from .split import Split, oversample_clean, suspected_target
 from .tensors import MEAN, STD, accuracy, augment, one_view, predict_logits, to_input
 from .train import make_optimizer
 
@@ -302,9 +302,7 @@ def estimate_trigger(images: np.ndarray, labels: np.ndarray, s: Split, guide_log
     cancel and an additive trigger (a patch, a blend, a signal) stays; a warp or a per-image trigger leaves
     little, and the check then rarely escalates."""
     labels = np.asarray(labels)
-    count = np.bincount(labels, minlength=num_classes)
-    share = np.bincount(labels[s.poison], minlength=num_classes) / np.maximum(count, 1)
-    target = int(np.argmax(share))
+    target = suspected_target(labels, s.poison, num_classes)
     dp = s.poison[labels[s.poison] == target]
     seen = np.asarray(guide_logits)[dp].argmax(1)
     n_clean = np.bincount(labels[s.clean], minlength=num_classes)
