@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cgd import CGDError, attacks, models
 from cgd.split import Split, split
@@ -260,3 +261,30 @@ def test_the_trigger_check_doubles_the_unlearning_weight_until_the_estimate_stop
                                                                        once.model.state_dict().values()))
     with pytest.raises(CGDError, match="escalate"):
         UnlearnConfig(escalate=1, escalate_at=1.5)
+
+
+def test_relabelling_dp_toward_the_guide_removes_a_backdoor_that_relearning_alone_keeps(tiny, backdoored):
+    """Label repair: with no unlearning push (λ_un 0), one short pass that also relearns D_p's triggered images
+    under the guide's classes (their clean ones here) takes the trigger away; the same pass without it keeps it.
+    D_p's clean members, where the guide agrees with the label, get no relabelling term."""
+    from cgd.unlearn import relabel_loss
+
+    ps, model = backdoored
+    trig = ps.triggered_test(tiny.test)
+    s = _oracle_split(ps)
+    guide = np.eye(4, dtype=np.float32)[tiny.train.labels] * 3  # the images' clean classes
+    asr = {}
+    for w in (0.0, 1.0):
+        res = unlearn(model, ps.train.images, ps.train.labels, s, guide,
+                      recipe("cpu", **WEAK_PASS, lambda_un=0.0, lambda_distill=0.0, escalate=0, relabel=w), 4)
+        asr[w] = accuracy(res.model, trig.images, trig.labels)
+        assert accuracy(res.model, tiny.test.images, tiny.test.labels) > 0.95
+    assert asr[0.0] > 0.5 and asr[1.0] < 0.1, asr
+    # the term: only disagreeing members count, divided by the whole batch
+    logits = torch.tensor([[5.0, 0.0], [0.0, 5.0]])
+    agree = relabel_loss(logits, torch.tensor([0, 1]), logits, 0.0)
+    one_off = relabel_loss(logits, torch.tensor([1, 1]), logits, 0.0)
+    assert float(agree) == 0.0 and float(one_off) == pytest.approx(float(F.cross_entropy(logits[:1],
+                                                                                          torch.tensor([0]))) / 2)
+    with pytest.raises(CGDError, match="relabel"):
+        UnlearnConfig(relabel=-1.0)

@@ -55,6 +55,9 @@ class UnlearnConfig:
     # radius (pixels in [0, 1]), toward its given label under the model being unlearned (`amplify`), the copies'
     # L_un added at full weight (the history's loss_un is then the sum); 0: off; under study, issue 13
     amplify_steps: int = 3  # sign-gradient steps of that push
+    relabel: float = 0.0  # > 0: D_p members whose (refined) guide's top class is not their given label are also
+    # relearned toward that class, cross-entropy at this weight (label repair, for relabelled poison: FLIP, and the
+    # triggered images of poison-label attacks); 0: off; under study, issue 13
     escalate: int = 0  # > 0: after the pass, a trigger estimated from the split (`estimate_trigger`) is added to
     # clean images; while the model still sends more than `escalate_at` of them to the suspected target, unlearning
     # is redone from the victim at twice λ_un, at most this many times (`unlearn_checked`); 0: off; issue 13
@@ -75,6 +78,8 @@ class UnlearnConfig:
                 and self.escalate_scale > 0):
             raise CGDError(f"need escalate an integer in [0, 8], 0 < escalate_at < 1 and escalate_scale > 0; got "
                            f"{self.escalate}, {self.escalate_at}, {self.escalate_scale}")
+        if not 0 <= self.relabel <= 10:
+            raise CGDError(f"need 0 <= relabel <= 10; got {self.relabel}")
         if not (0 <= self.amplify_eps <= 1 and type(self.amplify_steps) is int and self.amplify_steps >= 1):
             raise CGDError(f"need 0 <= amplify_eps <= 1 and amplify_steps >= 1; got {self.amplify_eps}, "
                            f"{self.amplify_steps}")
@@ -114,6 +119,18 @@ def unlearning_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str, eps: 
     if kind == "log-not-p":
         return -torch.log1p(-p_y + eps).mean()
     raise CGDError(f"unknown unlearn_loss {kind!r}: use 'log-p' or 'log-not-p'")
+
+
+def relabel_loss(logits: torch.Tensor, labels: torch.Tensor, guide_logits: torch.Tensor, smoothing: float
+                 ) -> torch.Tensor:
+    """Cross-entropy toward the guide's top class, over the members of a D_p batch whose top class is not their
+    given label, summed and divided by the batch's size: a batch where few disagree is pulled less."""
+    seen = guide_logits.argmax(1)
+    off = seen != labels
+    if not off.any():
+        return logits.sum() * 0.0
+    per = F.cross_entropy(logits[off], seen[off], label_smoothing=smoothing, reduction="sum")
+    return per / len(labels)
 
 
 def amplify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int) -> torch.Tensor:
@@ -232,11 +249,11 @@ def unlearn(model: nn.Module, images: np.ndarray, labels: np.ndarray, s: Split, 
                     m.eval()
         order = rng.permutation(relearn)
         p_order = rng.permutation(poison) if len(poison) else poison
-        sums = {"re": 0.0, "un": 0.0, "distill": 0.0}
+        sums = {"re": 0.0, "un": 0.0, "distill": 0.0, "relabel": 0.0}
         for b in progress(range(steps), desc=f"unlearn epoch {epoch}/{epochs}"):
             ic = torch.from_numpy(order[b * config.batch_size:(b + 1) * config.batch_size])
             x = augment(to_input(x_all[ic]), config.augment, gen)
-            if len(poison) and (config.lambda_un or config.lambda_distill):
+            if len(poison) and (config.lambda_un or config.lambda_distill or config.relabel):
                 j = (b * pb) % len(p_order)
                 ip = torch.from_numpy(np.take(p_order, np.arange(j, j + pb), mode="wrap"))
                 xp = augment(to_input(x_all[ip]), config.augment, gen)
@@ -249,17 +266,19 @@ def unlearn(model: nn.Module, images: np.ndarray, labels: np.ndarray, s: Split, 
                 if len(la):  # the copies' term at the full weight, beside the originals'
                     l_un = l_un + unlearning_loss(la, y_all[ip], config.unlearn_loss, config.eps)
                 l_di = distill_loss(lp, g_all[ip], config.temperature)
+                l_rl = relabel_loss(lp, y_all[ip], g_all[ip], config.label_smoothing) if config.relabel \
+                    else torch.zeros(())
             else:
                 lc = model(x)
-                l_un = l_di = torch.zeros(())
+                l_un = l_di = l_rl = torch.zeros(())
             l_re = F.cross_entropy(lc, y_all[ic], label_smoothing=config.label_smoothing)
-            loss = l_re + config.lambda_un * l_un + config.lambda_distill * l_di
+            loss = l_re + config.lambda_un * l_un + config.lambda_distill * l_di + config.relabel * l_rl
             for group in opt.param_groups:
                 group["lr"] = step_lr(config, done_steps, total)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            for k, v in (("re", l_re), ("un", l_un), ("distill", l_di)):
+            for k, v in (("re", l_re), ("un", l_un), ("distill", l_di), ("relabel", l_rl)):
                 sums[k] += float(v.detach()) / steps
             done_steps += 1
             if config.max_steps and done_steps >= config.max_steps:
