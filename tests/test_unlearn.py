@@ -263,6 +263,27 @@ def test_the_trigger_check_doubles_the_unlearning_weight_until_the_estimate_stop
         UnlearnConfig(escalate=1, escalate_at=1.5)
 
 
+def test_the_trigger_check_reads_the_second_richest_class_when_asked(tiny, weak_blend):
+    """CTRL's case: the guide's false alarms make another class D_p's richest, so a check of one class misses the
+    trigger; with escalate_classes = 2 the target is read too and unlearning escalates."""
+    from dataclasses import replace
+
+    ps, x, victim, trig, s = weak_blend
+    y = ps.train.labels
+    guide = np.eye(4, dtype=np.float32)[tiny.train.labels] * 3
+    ones = np.intersect1d(s.clean, np.flatnonzero(y == 1))
+    moved = ones[:-20]  # class 1 keeps 20 images in D_c
+    s2 = replace(s, clean=np.setdiff1d(s.clean, moved), poison=np.union1d(s.poison, moved))
+    cfg = dict(WEAK_PASS, escalate=1, escalate_scale=8.0, lambda_un=0.02)  # a pass weak enough to leave it
+    one = unlearn_checked(victim, x, y, s2, guide, recipe("cpu", **cfg), 4, log=lambda m: None)
+    two = unlearn_checked(victim, x, y, s2, guide, recipe("cpu", **cfg, escalate_classes=2), 4, log=lambda m: None)
+    assert [c["target"] for c in one.checks] == [1] and one.checks[0]["response"] <= 0.5
+    assert two.checks[0]["target"] == 0 and set(two.checks[0]["responses"]) == {0, 1}
+    assert two.checks[0]["response"] > 0.5 and [c["lambda_un"] for c in two.checks] == [0.02, 0.04]
+    with pytest.raises(CGDError, match="escalate_classes"):
+        UnlearnConfig(escalate_classes=0)
+
+
 def test_relabelling_dp_toward_the_guide_removes_a_backdoor_that_relearning_alone_keeps(tiny, backdoored):
     """Label repair: with no unlearning push (λ_un 0), one short pass that also relearns D_p's triggered images
     under the guide's classes (their clean ones here) takes the trigger away; the same pass without it keeps it.

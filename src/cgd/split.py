@@ -366,12 +366,17 @@ def flagged_split(model_score: np.ndarray, poison: np.ndarray, what: str) -> Spl
                  percentile_rank(score), info={"model_score": what})
 
 
-def suspected_target(labels: np.ndarray, poison: np.ndarray, num_classes: int) -> int:
-    """The class D_p (`poison`) is richest in: the largest share of its training samples in D_p. Every attack
-    here gives its poison the target's label, so this is the split's guess at the target."""
+def dp_shares(labels: np.ndarray, poison: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C,) each class's share of its training samples that lie in D_p (`poison`)."""
     labels = np.asarray(labels)
     count = np.bincount(labels, minlength=num_classes)
-    return int(np.argmax(np.bincount(labels[poison], minlength=num_classes) / np.maximum(count, 1)))
+    return np.bincount(labels[poison], minlength=num_classes) / np.maximum(count, 1)
+
+
+def suspected_target(labels: np.ndarray, poison: np.ndarray, num_classes: int) -> int:
+    """The class D_p is richest in (`dp_shares`). Every attack here gives its poison the target's label, so this
+    is the split's guess at the target."""
+    return int(np.argmax(dp_shares(labels, poison, num_classes)))
 
 
 def drop_slow(s: Split, labels: np.ndarray, above: float, sigma2: float, spare: int | None = None) -> Split:
