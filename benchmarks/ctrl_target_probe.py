@@ -24,8 +24,7 @@ guide_only = np.setdiff1d(s.poison, model_flag)
 shares = {name: np.round(np.bincount(y[idx], minlength=k) / count, 4).tolist()
           for name, idx in (("dp", s.poison), ("model_flagged", model_flag), ("guide_only", guide_only))}
 print(how, shares, flush=True)
-U.suspected_target = lambda labels, poison, num_classes: ps.target  # DIAGNOSIS: force the true target
-est = U.estimate_trigger(x, y, s, s.guide_logits, num_classes=k)
+est = U.estimate_trigger(x, y, s, s.guide_logits, num_classes=k, target=ps.target)  # DIAGNOSIS: the true target
 probe = train_asr_probe(ps)
 row = lambda m: {"train_asr": probe(m)["train_asr"], "response_k4": U.trigger_response(m, x, est, 4.0)}
 out = {"model_score": how, "shares": shares, "true_target": ps.target, "victim": row(victim.model)}

@@ -307,8 +307,9 @@ def unlearn(model: nn.Module, images: np.ndarray, labels: np.ndarray, s: Split, 
 @dataclass(frozen=True)
 class TriggerEstimate:
     """What a split says the trigger looks like: `residual` (H, W, C float32, pixel units) is the mean of D_p's
-    images in `target` (the class D_p takes the largest share of) minus the mean of the D_c images of the classes
-    the guide sees in them; `probe` holds the indices of D_c images of other classes it is added to."""
+    images in `target` (the class D_p takes the largest share of, or the one asked for) minus the mean of the D_c
+    images of the classes the guide sees in them; `probe` holds the indices of D_c images of other classes it is
+    added to."""
 
     target: int
     residual: np.ndarray
