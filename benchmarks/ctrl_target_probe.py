@@ -13,15 +13,15 @@ import cgd.unlearn as U
 from cgd.config import defaults
 from cgd.bench import train_asr_probe
 from cgd.io import write_json
+from cgd.split import dp_shares
 torch.set_num_threads(1)
 attack = sys.argv[1]
 ds, ps, victim, g, arch, feats, zfeats = ablate.setup(attack)
 s, how = ablate.run_split(victim, arch, ps, g, feats, zfeats, dict(defaults()["split"]))
 y, x, k = ps.train.labels, ps.train.images, ps.train.num_classes
-count = np.bincount(y, minlength=k)
 model_flag = s.poison[s.model_rank[s.poison] < 0.1]
 guide_only = np.setdiff1d(s.poison, model_flag)
-shares = {name: np.round(np.bincount(y[idx], minlength=k) / count, 4).tolist()
+shares = {name: np.round(dp_shares(y, idx, k), 4).tolist()
           for name, idx in (("dp", s.poison), ("model_flagged", model_flag), ("guide_only", guide_only))}
 print(how, shares, flush=True)
 est = U.estimate_trigger(x, y, s, s.guide_logits, num_classes=k, target=ps.target)  # DIAGNOSIS: the true target

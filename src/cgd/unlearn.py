@@ -360,8 +360,10 @@ def unlearn_checked(model: nn.Module, images: np.ndarray, labels: np.ndarray, s:
     at test time (Ada-SIG) outlives the default weight, while a stronger constant weight costs clean accuracy
     where it is not needed (docs/benchmarks.md, issue 13)."""
     res = unlearn(model, images, labels, s, guide_logits, config, num_classes, **kwargs)
+    if not config.escalate:
+        return res
     richest = np.argsort(-dp_shares(labels, s.poison, num_classes), kind="stable")[:config.escalate_classes]
-    ests = [e for c in (richest if config.escalate else ())
+    ests = [e for c in richest
             if (e := estimate_trigger(images, labels, s, guide_logits, num_classes=num_classes, seed=config.seed,
                                       target=int(c))) is not None]
     if not ests:
