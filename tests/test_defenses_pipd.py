@@ -1,7 +1,7 @@
-"""PIPD on tiny data: its channel statistics, and the whole defense on tiny victims — the isolation finds the poison
-and sharpens over the rounds, the channel selection is what it rests on (all channels or random ones find nothing),
-and the removal (ours) lowers the ASR; each signal goes away with its step patched out. (Its two-class natural
-break, `split.jenks_two_classes`, is tested in test_split.py.)"""
+"""PIPD on tiny data: its channel statistics and why its rounds sharpen (on constructed activations), and the whole
+defense on tiny victims — the isolation finds the poison, the channel selection is what it rests on (all channels or
+random ones find nothing), and the removal (ours) lowers the ASR and rests on the isolation (random flags keep the
+backdoor). (Its two-class natural break, `split.jenks_two_classes`, is tested in test_split.py.)"""
 
 import numpy as np
 import pytest
@@ -81,9 +81,29 @@ def test_rounds_add_the_unflagged_samples_to_the_clean_preset():
     assert all(r.detected.tolist() == list(range(20)) for r in rounds)
 
 
+def test_a_wider_clean_preset_drops_a_channel_only_the_small_one_found_quiet():
+    """Why the rounds sharpen: channel 7 is wide over the data but quiet on the small clean preset, so the first
+    round picks it beside the poison's channel 3 and flags clean images loud on it; the unflagged join the clean
+    preset, channel 7's σ grows, the next round drops it."""
+    rng = np.random.default_rng(2)
+    acts = np.abs(rng.normal(0, 1, (600, 10)))
+    acts[:60, 3] += 4.0  # 60 "poison" images drive channel 3
+    acts[:, 7] = np.abs(rng.normal(0, 2, 600))
+    acts[500:560, 7] *= 0.1  # the clean preset, 500..559
+    rounds = pipd.progressive_isolation([acts.astype(np.float32)], np.arange(6), np.arange(500, 560), rounds=3,
+                                        ratio=0.2)
+    picked = [set(pipd.select_channels([acts.astype(np.float32)], np.arange(6), c, 0.2)[0].tolist())
+              for c in (np.arange(500, 560), np.union1d(np.arange(500, 560), np.setdiff1d(np.arange(600),
+                                                                                          rounds[0].detected)))]
+    assert picked[0] == {3, 7} and 3 in picked[1] and 7 not in picked[1]
+    precision = [float((r.detected < 60).mean()) for r in rounds]
+    assert all((r.detected < 60).sum() == 60 for r in rounds)  # every poison image flagged in every round
+    assert precision[0] < 0.5 < 0.85 < precision[1] == precision[2], precision
+
+
 # ------------------------------------------------------------------------------------------------ isolation
 
-def test_pipd_isolates_the_poison_and_sharpens_over_rounds(blend):
+def test_pipd_isolates_the_poison(blend):
     ps, victim = blend
     r = defenses.get("pipd", **PIPD_TINY, finetuning_epochs=0, unlearning_epochs=0).run(
         ps.train, victim, defenses.Context())
@@ -91,25 +111,20 @@ def test_pipd_isolates_the_poison_and_sharpens_over_rounds(blend):
     assert d["precision"] >= 0.8 and d["tpr"] >= 0.95 and d["fpr"] < 0.03 and d["auroc_model"] > 0.95, d
     assert len(r.split.mixed) == 0 and r.info["preset_model"] == "snapshot" and len(r.info["rounds"]) == 5
     assert r.info["layers"] == pipd.conv_layers(victim.model)[1:]  # every conv after the stem
-    # the rounds, from the same presets: the first (20 % clean preset) flags too much, the grown clean preset
-    # sharpens it; never worse from one round to the next. How much the first round over-flags depends on the tiny
-    # victim, which differs between machines (first-round precision below 0.6 and final F1 ≥ 0.95 where it was
-    # written; 0.82 and 0.92 on another, 2026-12-04), so the test asserts the direction, not those levels.
+    # the rounds, from the same presets, end where the defense ends; whether the first (20 % clean preset) over-flags
+    # depends on the tiny victim, which differs between machines (first-round precision below 0.6 where this was
+    # written; 1.0, then 0.994, on AVX2 kernels, 2026-12-04), so the sharpening itself is asserted on constructed
+    # activations (test_a_wider_clean_preset_drops_a_channel_only_the_small_one_found_quiet)
     losses, _ = pipd.PIPD(**PIPD_TINY).preset_losses(ps.train, victim, defenses.Context())
     poison_pre, clean_pre = pipd.presets(losses, 0.05, 0.2)
     acts = pipd.channel_maxima(victim.model, ps.train.images, r.info["layers"])
     rounds = pipd.progressive_isolation(acts, poison_pre, clean_pre, rounds=5, ratio=0.04)
-    f1 = []
-    for rd in rounds:
-        p, t = precision_recall(ps.poison_mask, rd.detected)
-        f1.append(2 * p * t / max(p + t, 1e-9))
     assert [x["flagged"] for x in r.info["rounds"]] == [len(rd.detected) for rd in rounds]
+    assert np.array_equal(rounds[-1].detected, r.split.poison)
     first = precision_recall(ps.poison_mask, rounds[0].detected)[0]
-    assert first < d["precision"] and f1[-1] > f1[0] and f1[-1] >= 0.9, (first, f1)
-    assert all(b >= a for a, b in zip(f1, f1[1:]))
     one = defenses.get("pipd", **PIPD_TINY, rounds=1, finetuning_epochs=0, unlearning_epochs=0).run(
         ps.train, victim, defenses.Context())
-    assert detection_metrics(ps.poison_mask, one.split)["precision"] == first  # the later rounds do the sharpening
+    assert detection_metrics(ps.poison_mask, one.split)["precision"] == first  # one round: the first round
 
 
 def test_channel_selection_is_what_the_isolation_sees(blend, monkeypatch):
@@ -148,9 +163,8 @@ def test_pipd_removes_the_backdoor_and_keeps_clean_accuracy(badnets, faint_test)
     assert set(r.timings) == {"presets_s", "isolation_s", "finetuning_s", "unlearning_s"} and r.info["eval"] == {"x": 1}
     assert r.model is not victim.model and r.model.flip_tta == victim.model.flip_tta
     assert all(torch.equal(v, victim.model.state_dict()[k]) for k, v in before.items())  # victim untouched
-    # fine-tuning on the unflagged samples alone leaves the backdoor: the ascent on the flagged ones removes it
-    kept = defenses.get("pipd", **PIPD_TINY, unlearning_epochs=0).run(ps.train, victim, defenses.Context())
-    assert accuracy(kept.model, bd.images, bd.labels) > 0.5
+    # which of the two steps does the removal is the tiny victim's: fine-tuning alone left ASR 0.92 where this was
+    # written and 0.24 on AVX2 kernels (2026-12-04); what it rests on is the isolation (the next test)
 
 
 def test_pipd_removal_rests_on_the_isolation(badnets, faint_test, monkeypatch):
